@@ -1,0 +1,116 @@
+"""The ReAct agent: a chat model that calls tools in a loop, built by hand with StateGraph.
+
+Reads top to bottom: prompt, tools, state, the model node, the router, `build_graph()`.
+The graph knows nothing of HTTP or of who is calling; `agentserve.runs` adapts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AnyMessage, SystemMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool, tool
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.managed import RemainingSteps
+from langgraph.prebuilt import ToolNode
+from typing_extensions import TypedDict
+
+from agentserve.calculator import CalculatorError, evaluate, format_number
+
+SYSTEM_PROMPT = (
+    "You are a helpful customer-support assistant. Use the calculator for any "
+    "arithmetic and the clock for the date or time; never guess either. "
+    "Answer briefly. The current time is {now}."
+)
+STEP_BUDGET_ANSWER = (
+    "I'm sorry, I could not finish this within the number of steps I'm allowed. "
+    "Please ask again, perhaps in smaller parts."
+)
+INTERRUPTED_TOOL_RESULT = "Error: this tool call was interrupted before it finished and did not run."
+
+
+@tool
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression such as '12 * 8' or '(3 + 4) ** 2'."""
+    try:
+        return format_number(evaluate(expression))
+    except CalculatorError as exc:
+        return f"Error: {exc}"
+
+
+@tool
+def current_datetime() -> str:
+    """Return the current date and time in UTC, ISO 8601."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+TOOLS: list[BaseTool] = [calculator, current_datetime]
+
+
+class AgentState(TypedDict):
+    messages: Annotated[list[AnyMessage], add_messages]
+    remaining_steps: RemainingSteps
+
+
+def context_window(messages: Sequence[AnyMessage], limit: int) -> list[AnyMessage]:
+    """The recent messages the model sees: at most `limit`, never opening on a tool
+    result without its call, and with an answer for every tool call (a run killed
+    between a call and its result would otherwise be refused by the provider)."""
+    start = max(0, len(messages) - limit)
+    while start < len(messages) and isinstance(messages[start], ToolMessage):
+        start += 1
+    repaired: list[AnyMessage] = []
+    unanswered: list[str] = []
+    for message in messages[start:]:
+        if unanswered and not isinstance(message, ToolMessage):
+            repaired += [ToolMessage(INTERRUPTED_TOOL_RESULT, tool_call_id=i) for i in unanswered]
+            unanswered = []
+        repaired.append(message)
+        if isinstance(message, AIMessage) and message.tool_calls:
+            unanswered = [str(call["id"]) for call in message.tool_calls]
+        elif isinstance(message, ToolMessage) and message.tool_call_id in unanswered:
+            unanswered.remove(message.tool_call_id)
+    repaired += [ToolMessage(INTERRUPTED_TOOL_RESULT, tool_call_id=i) for i in unanswered]
+    return repaired
+
+
+def build_graph(
+    model: BaseChatModel,
+    checkpointer: BaseCheckpointSaver | None = None,
+    *,
+    tools: Sequence[BaseTool] = TOOLS,
+    context_messages: int = 40,
+) -> CompiledStateGraph:
+    bound_model = model.bind_tools(list(tools))
+
+    async def call_model(state: AgentState, config: RunnableConfig) -> dict[str, list[AIMessage]]:
+        prompt = SystemMessage(SYSTEM_PROMPT.format(now=datetime.now(UTC).isoformat(timespec="minutes")))
+        window = context_window(state["messages"], context_messages)
+        response = await bound_model.ainvoke([prompt, *window], config)
+        assert isinstance(response, AIMessage)
+        # The step after a tool call needs one more step for the tool and one for the
+        # model: without them, end politely rather than let LangGraph raise.
+        if response.tool_calls and state["remaining_steps"] < 3:
+            return {"messages": [AIMessage(STEP_BUDGET_ANSWER, id=response.id)]}
+        return {"messages": [response]}
+
+    def route_model_output(state: AgentState) -> Literal["tools", "__end__"]:
+        last = state["messages"][-1]
+        if isinstance(last, AIMessage) and last.tool_calls:
+            return "tools"
+        return END
+
+    builder = StateGraph(AgentState)
+    builder.add_node("call_model", call_model)
+    builder.add_node("tools", ToolNode(list(tools)))
+    builder.add_edge(START, "call_model")
+    builder.add_conditional_edges("call_model", route_model_output)
+    builder.add_edge("tools", "call_model")
+    return builder.compile(checkpointer=checkpointer, name="agent")

@@ -1,0 +1,1 @@
+"""Serving a LangGraph ReAct agent with LangServe, PostgreSQL memory and API keys."""

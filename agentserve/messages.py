@@ -1,0 +1,51 @@
+"""What a caller may send as a turn, and how both message dialects become real messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import HumanMessage
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_MESSAGES_PER_TURN = 20
+# OpenAI's roles and LangChain's types for what a caller is allowed to say.
+CALLER_ROLES = {"user": "human", "human": "human"}
+SEND_THIS = "send {'role': 'user', 'content': '...'} or {'type': 'human', 'content': '...'}"
+
+
+def as_human_message_dict(index: int, value: Any) -> Any:
+    """Accept a LangChain dict or an OpenAI dict; refuse every other speaker, since
+    the agent writes its own AI and tool messages and the server owns the system prompt."""
+    if isinstance(value, HumanMessage):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"messages[{index}] must be an object: {SEND_THIS}")
+    speaker = value.get("type", value.get("role"))
+    if speaker not in CALLER_ROLES:
+        raise ValueError(f"messages[{index}] has type/role {speaker!r}, which callers cannot send: {SEND_THIS}")
+    body = {k: v for k, v in value.items() if k not in ("role", "type")}
+    return {**body, "type": "human"}
+
+
+class TurnInput(BaseModel):
+    """One turn of a conversation: the caller's new messages. The thread is named in
+    `config.configurable.thread_id`; the server keeps the history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[HumanMessage] = Field(min_length=1, max_length=MAX_MESSAGES_PER_TURN)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _accept_both_dialects(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        return [as_human_message_dict(index, item) for index, item in enumerate(value)]
+
+    @field_validator("messages")
+    @classmethod
+    def _refuse_empty_content(cls, value: list[HumanMessage]) -> list[HumanMessage]:
+        for index, message in enumerate(value):
+            if not message.content:
+                raise ValueError(f"messages[{index}].content is empty")
+        return value

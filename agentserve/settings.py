@@ -1,0 +1,87 @@
+"""Every setting of the service, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "replace-me"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    ENVIRONMENT: Literal["development", "production"] = "development"
+    LOG_LEVEL: str = "INFO"
+
+    # Authentication: one key (tenant "default") or "tenant=key,tenant=key".
+    AGENT_API_KEY: SecretStr = SecretStr("")
+    AGENT_API_KEYS: SecretStr = SecretStr("")
+
+    # PostgreSQL. Empty means: start an embedded server under DATA_DIR.
+    DATABASE_URL: SecretStr = SecretStr("")
+    DATA_DIR: Path = Path(".data")
+    DB_POOL_MIN_SIZE: int = Field(default=2, ge=1)
+    DB_POOL_MAX_SIZE: int = Field(default=10, ge=1)
+    DB_CONNECT_TIMEOUT_S: float = Field(default=5.0, gt=0)
+    DB_MAX_IDLE_S: float = Field(default=300.0, gt=0)
+    DB_MAX_LIFETIME_S: float = Field(default=1800.0, gt=0)
+    # PgBouncer/Supabase transaction poolers cannot keep prepared statements.
+    DB_PREPARE_THRESHOLD: int | None = 5
+    READY_TIMEOUT_S: float = Field(default=2.0, gt=0)
+
+    # The model: any OpenAI-compatible server; no key means the offline model.
+    OPENAI_API_KEY: SecretStr = SecretStr("")
+    OPENAI_BASE_URL: str = ""
+    OPENAI_MODEL: str = "gpt-4o-mini"
+    OPENAI_TIMEOUT_S: float = Field(default=60.0, gt=0)
+    OPENAI_MAX_RETRIES: int = Field(default=2, ge=0)
+    OFFLINE_MODEL_LATENCY_MS: float = Field(default=0.0, ge=0)
+    OFFLINE_MODEL_FAILURE_RATE: float = Field(default=0.0, ge=0, le=1)
+
+    # Serving.
+    HOST: str = "127.0.0.1"
+    PORT: int = 8000
+    WEB_CONCURRENCY: int = Field(default=2, ge=1)
+    GRACEFUL_TIMEOUT_S: int = Field(default=120, ge=1)
+    MAX_REQUESTS: int = Field(default=0, ge=0)
+    MAX_BODY_BYTES: int = Field(default=256 * 1024, ge=1024)
+    # Each model call and each tool call is one step; the guard answers politely
+    # when the budget runs out instead of letting LangGraph raise.
+    MAX_STEPS: int = Field(default=12, ge=3, le=200)
+    # How many recent messages the model sees; the whole transcript stays stored.
+    CONTEXT_MESSAGES: int = Field(default=40, ge=4)
+
+    @property
+    def offline_model(self) -> bool:
+        return not self.OPENAI_API_KEY.get_secret_value()
+
+    @property
+    def embedded_database(self) -> bool:
+        return not self.DATABASE_URL.get_secret_value()
+
+    @model_validator(mode="after")
+    def _refuse_placeholders_in_production(self) -> Settings:
+        if self.ENVIRONMENT != "production":
+            return self
+        keys = [self.AGENT_API_KEY.get_secret_value()]
+        keys += [pair.partition("=")[2] for pair in self.AGENT_API_KEYS.get_secret_value().split(",") if pair]
+        configured = [key for key in keys if key]
+        if not configured:
+            raise ValueError("AGENT_API_KEY or AGENT_API_KEYS must be set in production")
+        for key in configured:
+            if key.lower() in PLACEHOLDER_SECRETS or len(key) < 16:
+                raise ValueError(
+                    "an API key is a placeholder or shorter than 16 characters; "
+                    "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

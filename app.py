@@ -1,0 +1,117 @@
+"""The ASGI application: wires settings, database, model and agent into FastAPI + LangServe.
+
+Run it with `make run`, or `uvicorn app:app --workers N` once the schema is set up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langserve import add_routes
+
+from agent import build_graph
+from agentserve.admission import admit_run
+from agentserve.auth import KeyRing, authenticate
+from agentserve.errors import install_error_handlers
+from agentserve.logs import configure_logging
+from agentserve.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from agentserve.model import build_chat_model
+from agentserve.offline_model import serve_offline_model
+from agentserve.persistence import create_pool, database_url, setup_schema
+from agentserve.runs import AgentRunnable
+from agentserve.settings import Settings, get_settings
+
+log = logging.getLogger("agentserve")
+
+ENDPOINTS = ["invoke", "batch", "stream", "stream_events", "playground", "input_schema", "output_schema", "config_schema"]
+
+
+def scope_config_to_caller(config: dict[str, object], request: Request) -> dict[str, object]:
+    """LangServe drops keys the runnable does not declare; this adds the caller's
+    tenant, which only the server knows, beside the thread name it sent."""
+    configurable = config.get("configurable")
+    thread_id = configurable.get("thread_id") if isinstance(configurable, dict) else None
+    return {"configurable": {"thread_id": thread_id, "tenant": request.state.principal.tenant}}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    agent = AgentRunnable()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        config = settings or get_settings()
+        configure_logging(config.LOG_LEVEL)
+        app.state.settings = config
+        app.state.keyring = KeyRing.from_settings(config)
+        if not len(app.state.keyring):
+            raise RuntimeError("no API key configured: set AGENT_API_KEY (make run writes one into .env)")
+        url = await asyncio.to_thread(database_url, config)
+        await setup_schema(url, config)
+        async with AsyncExitStack() as stack:
+            pool = create_pool(url, config)
+            await pool.open(wait=True, timeout=config.DB_CONNECT_TIMEOUT_S)
+            stack.push_async_callback(pool.close)
+            app.state.pool = pool
+            offline_url = None
+            if config.offline_model:
+                offline_url = await stack.enter_async_context(
+                    serve_offline_model(config.OFFLINE_MODEL_LATENCY_MS, config.OFFLINE_MODEL_FAILURE_RATE)
+                )
+                log.warning("no OPENAI_API_KEY: answering with the offline model simulator at %s", offline_url)
+            model = build_chat_model(config, offline_url)
+            agent.max_steps = config.MAX_STEPS
+            agent.graph = build_graph(model, AsyncPostgresSaver(pool), context_messages=config.CONTEXT_MESSAGES)  # type: ignore[arg-type]
+            app.state.model_name = model.model_name
+            log.info("serving", extra={"path": "/agent"})
+            yield
+
+    app = FastAPI(
+        title="Agent",
+        version="1.0.0",
+        description="A LangGraph ReAct agent that remembers each conversation in PostgreSQL.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.get("/health", tags=["operations"])
+    async def health(request: Request) -> dict[str, object]:
+        config: Settings = request.app.state.settings
+        return {
+            "status": "ok",
+            "model": request.app.state.model_name,
+            "offline_model": config.offline_model,
+            "embedded_database": config.embedded_database,
+        }
+
+    @app.get("/ready", tags=["operations"], response_model=None)
+    async def ready(request: Request) -> dict[str, str] | JSONResponse:
+        config: Settings = request.app.state.settings
+        try:
+            async with asyncio.timeout(config.READY_TIMEOUT_S):
+                async with request.app.state.pool.connection(timeout=config.READY_TIMEOUT_S) as conn:
+                    await conn.execute("SELECT 1")
+        except Exception as exc:  # any failure means "not ready", and says why
+            return JSONResponse({"status": "unavailable", "database": type(exc).__name__}, status_code=503)
+        return {"status": "ready"}
+
+    add_routes(
+        app,
+        agent,
+        path="/agent",
+        enabled_endpoints=ENDPOINTS,
+        dependencies=[Depends(authenticate), Depends(admit_run)],
+        per_req_config_modifier=scope_config_to_caller,
+    )
+    # Added last so they wrap everything: the id first, then the size bound.
+    app.add_middleware(BodySizeLimitMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+app = create_app()
