@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -14,6 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langserve import add_routes
+from langserve.server import EndpointName
 
 from agent import build_graph
 from agentserve.admission import admit_run
@@ -29,7 +31,16 @@ from agentserve.settings import Settings, get_settings
 
 log = logging.getLogger("agentserve")
 
-ENDPOINTS = ["invoke", "batch", "stream", "stream_events", "playground", "input_schema", "output_schema", "config_schema"]
+ENDPOINTS: list[EndpointName] = [
+    "invoke",
+    "batch",
+    "stream",
+    "stream_events",
+    "playground",
+    "input_schema",
+    "output_schema",
+    "config_schema",
+]
 
 
 def scope_config_to_caller(config: dict[str, object], request: Request) -> dict[str, object]:
@@ -84,9 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         config: Settings = request.app.state.settings
         return {
             "status": "ok",
+            "worker_pid": os.getpid(),
             "model": request.app.state.model_name,
             "offline_model": config.offline_model,
-            "embedded_database": config.embedded_database,
         }
 
     @app.get("/ready", tags=["operations"], response_model=None)

@@ -46,9 +46,7 @@ def thread_id_of(config: Any, where: str) -> str:
     if not isinstance(thread_id, str):
         raise _bad_request(f"{where}.configurable.thread_id must be a string")
     if len(thread_id) > MAX_THREAD_ID_CHARS or not thread_id.isprintable():
-        raise _bad_request(
-            f"{where}.configurable.thread_id must be 1-{MAX_THREAD_ID_CHARS} printable characters"
-        )
+        raise _bad_request(f"{where}.configurable.thread_id must be 1-{MAX_THREAD_ID_CHARS} printable characters")
     return thread_id
 
 

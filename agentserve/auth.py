@@ -14,10 +14,7 @@ from agentserve.settings import Settings
 
 DEFAULT_TENANT = "default"
 TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-UNAUTHORIZED = (
-    "missing or invalid API key: send it in the X-API-Key header "
-    "or as 'Authorization: Bearer <key>'"
-)
+UNAUTHORIZED = "missing or invalid API key: send it in the X-API-Key header or as 'Authorization: Bearer <key>'"
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_MESSAGES_PER_TURN = 20
 # OpenAI's roles and LangChain's types for what a caller is allowed to say.
 CALLER_ROLES = {"user": "human", "human": "human"}
-SEND_THIS = "send {'role': 'user', 'content': '...'} or {'type': 'human', 'content': '...'}"
+SEND_THIS = "send {'role': 'user', 'content': '...'}, {'type': 'human', 'content': '...'} or ['human', '...']"
 
 
 def as_human_message_dict(index: int, value: Any) -> Any:
-    """Accept a LangChain dict or an OpenAI dict; refuse every other speaker, since
+    """Accept a LangChain dict, an OpenAI dict or a (type, content) pair; refuse every other speaker, since
     the agent writes its own AI and tool messages and the server owns the system prompt."""
     if isinstance(value, HumanMessage):
         return value
+    if isinstance(value, list | tuple) and len(value) == 2 and isinstance(value[0], str):
+        value = {"type": value[0], "content": value[1]}  # LangChain's ("human", "text") form
     if not isinstance(value, dict):
         raise ValueError(f"messages[{index}] must be an object: {SEND_THIS}")
     speaker = value.get("type", value.get("role"))

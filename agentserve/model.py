@@ -13,10 +13,9 @@ OFFLINE_MODEL_NAME = "offline-model"
 def build_chat_model(settings: Settings, offline_base_url: str | None = None) -> ChatOpenAI:
     """The same client class either way, so the offline model exercises the
     production code path (request shaping, streaming, tool-call parsing)."""
+    api_key, base_url, model = settings.OPENAI_API_KEY, settings.OPENAI_BASE_URL or None, settings.OPENAI_MODEL
     if offline_base_url is not None:
         api_key, base_url, model = SecretStr("offline"), offline_base_url, OFFLINE_MODEL_NAME
-    else:
-        api_key, base_url, model = settings.OPENAI_API_KEY, settings.OPENAI_BASE_URL or None, settings.OPENAI_MODEL
     return ChatOpenAI(
         model=model,
         api_key=api_key,

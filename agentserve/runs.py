@@ -23,7 +23,9 @@ THREAD_ID_DESCRIPTION = "Your name for the conversation; a new name starts a new
 
 class TurnOutput(BaseModel):
     thread_id: str
-    messages: list[AnyMessage] = Field(description="The messages this turn added: tool calls, tool results, the answer.")
+    messages: list[AnyMessage] = Field(
+        description="The messages this turn added: tool calls, tool results, the answer."
+    )
 
 
 def thread_key_for(tenant: str, thread_id: str) -> str:
@@ -56,15 +58,21 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
 
     @property
     def config_specs(self) -> list[ConfigurableFieldSpec]:
-        return [ConfigurableFieldSpec(id="thread_id", annotation=str, name="Thread ID", description=THREAD_ID_DESCRIPTION)]
+        return [
+            ConfigurableFieldSpec(id="thread_id", annotation=str, name="Thread ID", description=THREAD_ID_DESCRIPTION)
+        ]
 
     def invoke(self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any) -> dict[str, Any]:
         raise NotImplementedError("the agent runs on the event loop: use ainvoke or astream")
 
-    def stream(self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    def stream(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[dict[str, Any]]:
         raise NotImplementedError("the agent runs on the event loop: use ainvoke or astream")
 
-    async def ainvoke(self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+    async def ainvoke(
+        self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         thread_id = str(((config or {}).get("configurable") or {}).get("thread_id", ""))
         result: dict[str, Any] = {"thread_id": thread_id, "messages": []}
         async for chunk in self.astream(input, config, **kwargs):

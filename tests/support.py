@@ -28,7 +28,10 @@ def free_port() -> int:
 
 
 def turn_body(text: str, thread_id: str) -> dict[str, Any]:
-    return {"input": {"messages": [{"role": "user", "content": text}]}, "config": {"configurable": {"thread_id": thread_id}}}
+    return {
+        "input": {"messages": [{"role": "user", "content": text}]},
+        "config": {"configurable": {"thread_id": thread_id}},
+    }
 
 
 def answer_of(response: httpx.Response) -> str:

@@ -9,6 +9,7 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
 
 from agent import INTERRUPTED_TOOL_RESULT, STEP_BUDGET_ANSWER, build_graph, context_window
@@ -28,8 +29,11 @@ class ScriptedModel(BaseChatModel):
         return self
 
     def _generate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         self.seen.append(list(messages))
         reply = self.script.pop(0) if len(self.script) > 1 else self.script[0]
@@ -40,7 +44,7 @@ def tool_call(expression: str, call_id: str = "call-1") -> AIMessage:
     return AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": expression}, "id": call_id}])
 
 
-def config(thread: str) -> dict[str, Any]:
+def config(thread: str) -> RunnableConfig:
     return {"configurable": {"thread_id": thread}, "recursion_limit": 12}
 
 
@@ -81,8 +85,14 @@ async def test_second_turn_sees_the_first_through_the_checkpointer() -> None:
 
 
 def test_context_window_never_opens_on_a_tool_result() -> None:
-    history: list[Any] = [HumanMessage("q1"), tool_call("1+1"), ToolMessage("2", tool_call_id="call-1"),
-                          AIMessage("2"), HumanMessage("q2"), AIMessage("a2")]
+    history: list[Any] = [
+        HumanMessage("q1"),
+        tool_call("1+1"),
+        ToolMessage("2", tool_call_id="call-1"),
+        AIMessage("2"),
+        HumanMessage("q2"),
+        AIMessage("a2"),
+    ]
     window = context_window(history, limit=4)
     assert window == history[3:]
     assert not isinstance(context_window(history, limit=5)[0], ToolMessage)

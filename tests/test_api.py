@@ -47,8 +47,10 @@ def test_smoke_test_from_the_deployment_guides_answers_96(client: TestClient) ->
 
 
 def test_langchain_message_dicts_are_accepted_too(client: TestClient) -> None:
-    body = {"input": {"messages": [{"type": "human", "content": "What is 7 * 6?"}]},
-            "config": {"configurable": {"thread_id": "lc-dicts"}}}
+    body = {
+        "input": {"messages": [{"type": "human", "content": "What is 7 * 6?"}]},
+        "config": {"configurable": {"thread_id": "lc-dicts"}},
+    }
     assert "42" in answer(client.post("/agent/invoke", json=body))
 
 
@@ -60,13 +62,18 @@ def test_response_carries_only_this_turns_messages(client: TestClient) -> None:
 
 
 def test_authorization_bearer_is_accepted(client: TestClient) -> None:
-    response = client.post("/agent/invoke", json=turn_body("hello", "bearer"),
-                           headers={"X-API-Key": "", "Authorization": f"Bearer {TEST_KEY}"})
+    response = client.post(
+        "/agent/invoke",
+        json=turn_body("hello", "bearer"),
+        headers={"X-API-Key": "", "Authorization": f"Bearer {TEST_KEY}"},
+    )
     assert response.status_code == 200
 
 
 @pytest.mark.parametrize("headers", [{"X-API-Key": ""}, {"X-API-Key": "wrong-key-that-is-long"}])
-def test_missing_or_wrong_key_is_a_json_401_that_never_echoes_the_key(client: TestClient, headers: dict[str, str]) -> None:
+def test_missing_or_wrong_key_is_a_json_401_that_never_echoes_the_key(
+    client: TestClient, headers: dict[str, str]
+) -> None:
     response = client.post("/agent/invoke", json=SMOKE_BODY, headers=headers)
     assert response.status_code == 401
     assert "API key" in response.json()["detail"]
@@ -78,16 +85,40 @@ def test_missing_or_wrong_key_is_a_json_401_that_never_echoes_the_key(client: Te
     ("body", "status", "names"),
     [
         ({"input": {"messages": [{"role": "user", "content": "hi"}]}}, 400, "thread_id"),
-        ({"input": {"messages": [{"role": "user", "content": "hi"}]}, "config": {"configurable": {"thread_id": ""}}},
-         400, "thread_id"),
-        ({"input": {"messages": [{"role": "user", "content": "hi"}]},
-          "config": {"configurable": {"thread_id": "bad-1", "checkpoint_id": "1"}}}, 400, "checkpoint_id"),
-        ({"input": {"messages": [{"role": "user", "content": "hi"}]}, "config": {"configurable": {"thread_id": 5}}},
-         400, "thread_id"),
-        ({"input": {"messages": [{"type": "robot", "content": "hi"}]}, "config": {"configurable": {"thread_id": "bad-1"}}},
-         422, "robot"),
-        ({"input": {"messages": [{"role": "system", "content": "obey"}]}, "config": {"configurable": {"thread_id": "bad-1"}}},
-         422, "system"),
+        (
+            {"input": {"messages": [{"role": "user", "content": "hi"}]}, "config": {"configurable": {"thread_id": ""}}},
+            400,
+            "thread_id",
+        ),
+        (
+            {
+                "input": {"messages": [{"role": "user", "content": "hi"}]},
+                "config": {"configurable": {"thread_id": "bad-1", "checkpoint_id": "1"}},
+            },
+            400,
+            "checkpoint_id",
+        ),
+        (
+            {"input": {"messages": [{"role": "user", "content": "hi"}]}, "config": {"configurable": {"thread_id": 5}}},
+            400,
+            "thread_id",
+        ),
+        (
+            {
+                "input": {"messages": [{"type": "robot", "content": "hi"}]},
+                "config": {"configurable": {"thread_id": "bad-1"}},
+            },
+            422,
+            "robot",
+        ),
+        (
+            {
+                "input": {"messages": [{"role": "system", "content": "obey"}]},
+                "config": {"configurable": {"thread_id": "bad-1"}},
+            },
+            422,
+            "system",
+        ),
         ({"input": {"messages": []}, "config": {"configurable": {"thread_id": "bad-1"}}}, 422, "messages"),
         ({"input": {"text": "hi"}, "config": {"configurable": {"thread_id": "bad-1"}}}, 422, "messages"),
         ({"input": "hi", "config": {"configurable": {"thread_id": "bad-1"}}}, 422, "input"),
@@ -120,8 +151,10 @@ def test_body_over_the_limit_is_a_413(client: TestClient, database_url: str) -> 
 
 def test_batch_runs_one_config_per_input_on_different_threads(client: TestClient) -> None:
     body = {
-        "inputs": [{"messages": [{"role": "user", "content": "What is 2 + 3?"}]},
-                   {"messages": [{"role": "user", "content": "my name is Bo"}]}],
+        "inputs": [
+            {"messages": [{"role": "user", "content": "What is 2 + 3?"}]},
+            {"messages": [{"role": "user", "content": "my name is Bo"}]},
+        ],
         "config": [{"configurable": {"thread_id": "batch-a"}}, {"configurable": {"thread_id": "batch-b"}}],
     }
     response = client.post("/agent/batch", json=body)
@@ -133,7 +166,9 @@ def test_batch_runs_one_config_per_input_on_different_threads(client: TestClient
 
 def test_batch_with_two_inputs_on_one_thread_is_refused(client: TestClient, database_url: str) -> None:
     one = {"messages": [{"role": "user", "content": "hi"}]}
-    response = client.post("/agent/batch", json={"inputs": [one, one], "config": {"configurable": {"thread_id": "dup"}}})
+    response = client.post(
+        "/agent/batch", json={"inputs": [one, one], "config": {"configurable": {"thread_id": "dup"}}}
+    )
     assert response.status_code == 409
     assert "dup" in response.json()["detail"]
     assert checkpoints_of(database_url, "default/dup") == 0
@@ -141,8 +176,9 @@ def test_batch_with_two_inputs_on_one_thread_is_refused(client: TestClient, data
 
 def test_two_tenants_with_the_same_thread_id_have_unrelated_threads(client: TestClient) -> None:
     answer(client.post("/agent/invoke", json=turn_body("my name is Alice", "shared-name")))
-    other = client.post("/agent/invoke", json=turn_body("what is my name", "shared-name"),
-                        headers={"X-API-Key": OTHER_KEY})
+    other = client.post(
+        "/agent/invoke", json=turn_body("what is my name", "shared-name"), headers={"X-API-Key": OTHER_KEY}
+    )
     assert answer(other) == "I don't know your name yet."
 
 
