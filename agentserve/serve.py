@@ -19,6 +19,23 @@ from agentserve.settings import get_settings
 log = logging.getLogger("agentserve.serve")
 
 
+def banner(host: str, port: int) -> str:
+    """What a newcomer needs to try the service, with a curl line that works as printed."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{shown}:{port}"
+    body = (
+        '{"input": {"messages": [{"role": "user", "content": "What is 12 * 8?"}]}, '
+        '"config": {"configurable": {"thread_id": "smoke-test-001"}}}'
+    )
+    return (
+        f"\n  Agent:      {url}/agent   (playground: {url}/agent/playground/, docs: {url}/docs)\n"
+        "  API key:    AGENT_API_KEY in .env (or in your environment)\n"
+        f'  Try:        curl -X POST {url}/agent/invoke -H "Content-Type: application/json" '
+        "-H \"X-API-Key: $(grep '^AGENT_API_KEY=' .env | cut -d= -f2-)\" "
+        f"-d '{body}'\n"
+    )
+
+
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.LOG_LEVEL)
@@ -35,6 +52,7 @@ def main() -> None:
         settings.PORT,
         "offline simulator" if settings.offline_model else settings.OPENAI_MODEL,
     )
+    print(banner(settings.HOST, settings.PORT), flush=True)
     uvicorn.run(
         "app:app",
         host=settings.HOST,
