@@ -21,13 +21,16 @@ from agent import build_graph
 from agentserve.admission import admit_run
 from agentserve.auth import KeyRing, authenticate
 from agentserve.errors import install_error_handlers
+from agentserve.leases import LeasePolicy, ThreadLeases
 from agentserve.logs import configure_logging
 from agentserve.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from agentserve.model import build_chat_model
 from agentserve.offline_model import serve_offline_model
 from agentserve.persistence import create_pool, database_url, setup_schema
+from agentserve.retention import RetentionPolicy, sweep_forever
 from agentserve.runs import AgentRunnable
 from agentserve.settings import Settings, get_settings
+from agentserve.threads import router as threads_router
 
 log = logging.getLogger("agentserve")
 
@@ -49,6 +52,23 @@ def scope_config_to_caller(config: dict[str, object], request: Request) -> dict[
     configurable = config.get("configurable")
     thread_id = configurable.get("thread_id") if isinstance(configurable, dict) else None
     return {"configurable": {"thread_id": thread_id, "tenant": request.state.principal.tenant}}
+
+
+def lease_policy(settings: Settings) -> LeasePolicy:
+    return LeasePolicy(
+        ttl_s=settings.THREAD_LEASE_TTL_S,
+        busy=settings.BUSY_THREAD_POLICY,
+        wait_s=settings.BUSY_THREAD_WAIT_S,
+        max_runs_per_tenant=settings.TENANT_MAX_CONCURRENT_RUNS,
+    )
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    return RetentionPolicy(
+        thread_ttl_s=settings.THREAD_TTL_DAYS * 86400,
+        checkpoints_kept=settings.CHECKPOINTS_KEPT_PER_THREAD,
+        interval_s=settings.SWEEP_INTERVAL_S,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,9 +96,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
                 log.warning("no OPENAI_API_KEY: answering with the offline model simulator at %s", offline_url)
             model = build_chat_model(config, offline_url)
+            saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
             agent.max_steps = config.MAX_STEPS
-            agent.graph = build_graph(model, AsyncPostgresSaver(pool), context_messages=config.CONTEXT_MESSAGES)  # type: ignore[arg-type]
-            app.state.model_name = model.model_name
+            agent.graph = build_graph(model, saver, context_messages=config.CONTEXT_MESSAGES)
+            app.state.agent, app.state.saver, app.state.model_name = agent, saver, model.model_name
+            app.state.leases = ThreadLeases(pool, lease_policy(config))
+            sweeper = asyncio.create_task(sweep_forever(pool, retention_policy(config)))
+            stack.callback(sweeper.cancel)
             log.info("serving", extra={"path": "/agent"})
             yield
 
@@ -111,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"status": "unavailable", "database": type(exc).__name__}, status_code=503)
         return {"status": "ready"}
 
+    app.include_router(threads_router)
     add_routes(
         app,
         agent,

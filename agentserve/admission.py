@@ -1,6 +1,10 @@
-"""Whether a run request may start: it names a valid thread of the caller's, and no
-two of its inputs share a thread. Checked before LangServe starts a run, so refusals
-are plain 4xx responses (a stream that has begun can only report a 500)."""
+"""Whether a run request may start, decided before LangServe starts it, so refusals
+are plain 4xx responses (a stream that has begun can only report a 500):
+
+- it names a valid thread, and its input is well formed;
+- the tenant is within its rate and concurrent-run limits;
+- no other run holds any of its threads (a lease held until the response ends).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,23 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from psycopg_pool import PoolTimeout
+from pydantic import ValidationError
+
+from agentserve.leases import TenantAtRunLimit, ThreadBusy
+from agentserve.messages import TurnInput
+from agentserve.ratelimit import RateLimited, count_request
+from agentserve.runs import thread_key_for
+from agentserve.settings import Settings
+from agentserve.threads import touch_threads
 
 RUN_ENDPOINTS = frozenset({"invoke", "batch", "stream", "stream_events", "stream_log"})
 MAX_THREAD_ID_CHARS = 200
 HOW_TO_NAME_A_THREAD = 'send it as {"config": {"configurable": {"thread_id": "<your conversation name>"}}}'
+DATABASE_UNAVAILABLE = HTTPException(503, "the database is unavailable; retry shortly", headers={"Retry-After": "5"})
 
 
 def _bad_request(message: str) -> HTTPException:
@@ -50,10 +66,10 @@ def thread_id_of(config: Any, where: str) -> str:
     return thread_id
 
 
-def requested_thread_ids(body: dict[str, Any], endpoint: str) -> list[str]:
-    """The thread of each input, in input order."""
+def requested_turns(body: dict[str, Any], endpoint: str) -> list[tuple[str, Any]]:
+    """(thread id, input) of each turn the request asks for, in input order."""
     if endpoint != "batch":
-        return [thread_id_of(body.get("config"), "config")]
+        return [(thread_id_of(body.get("config"), "config"), body.get("input"))]
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise _bad_request("inputs must be a non-empty list")
@@ -61,8 +77,20 @@ def requested_thread_ids(body: dict[str, Any], endpoint: str) -> list[str]:
     if isinstance(config, list):
         if len(config) != len(inputs):
             raise _bad_request(f"config has {len(config)} entries for {len(inputs)} inputs; send one per input")
-        return [thread_id_of(c, f"config[{i}]") for i, c in enumerate(config)]
-    return [thread_id_of(config, "config")] * len(inputs)
+        return [(thread_id_of(c, f"config[{i}]"), inputs[i]) for i, c in enumerate(config)]
+    thread_id = thread_id_of(config, "config")
+    return [(thread_id, item) for item in inputs]
+
+
+def validate_inputs(turns: list[tuple[str, Any]], endpoint: str) -> None:
+    for index, (_, turn_input) in enumerate(turns):
+        where = ("inputs", index) if endpoint == "batch" else ("input",)
+        try:
+            TurnInput.model_validate(turn_input)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**error, "loc": (*where, *error["loc"])} for error in exc.errors(include_url=False)]
+            ) from exc
 
 
 def refuse_shared_threads(thread_ids: list[str]) -> None:
@@ -78,9 +106,46 @@ def refuse_shared_threads(thread_ids: list[str]) -> None:
 
 
 async def admit_run(request: Request) -> AsyncIterator[None]:
-    """FastAPI dependency for every route LangServe adds."""
+    """FastAPI dependency for every route LangServe adds; runs after `authenticate`."""
     endpoint = request.url.path.rstrip("/").rsplit("/", 1)[-1]
-    if request.method == "POST" and endpoint in RUN_ENDPOINTS:
-        body = await read_json_object(request)
-        refuse_shared_threads(requested_thread_ids(body, endpoint))
-    yield
+    if request.method != "POST" or endpoint not in RUN_ENDPOINTS:
+        yield
+        return
+    settings: Settings = request.app.state.settings
+    tenant: str = request.state.principal.tenant
+    body = await read_json_object(request)
+    turns = requested_turns(body, endpoint)
+    validate_inputs(turns, endpoint)
+    thread_ids = [thread_id for thread_id, _ in turns]
+    if settings.BUSY_THREAD_POLICY == "reject":
+        refuse_shared_threads(thread_ids)
+    try:
+        async with request.app.state.pool.connection() as conn:
+            await count_request(conn, tenant, settings.TENANT_REQUESTS_PER_MINUTE)
+        keys = [thread_key_for(tenant, thread_id) for thread_id in thread_ids]
+        async with request.app.state.leases.hold(tenant, keys):
+            async with request.app.state.pool.connection() as conn:
+                await touch_threads(conn, tenant, sorted(set(thread_ids)))
+            yield
+    except RateLimited as exc:
+        raise HTTPException(
+            429,
+            f"tenant {tenant!r} is over its {settings.TENANT_REQUESTS_PER_MINUTE} requests per minute",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from exc
+    except TenantAtRunLimit as exc:
+        raise HTTPException(
+            429,
+            f"tenant {tenant!r} already has {settings.TENANT_MAX_CONCURRENT_RUNS} runs in progress",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from exc
+    except ThreadBusy as exc:
+        thread_id = exc.thread_key.split("/", 1)[1]
+        waited = f"after waiting {settings.BUSY_THREAD_WAIT_S:g}s " if settings.BUSY_THREAD_POLICY == "enqueue" else ""
+        raise HTTPException(
+            409,
+            f"thread {thread_id!r} is still running another turn {waited}; retry when it has finished",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from exc
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise DATABASE_UNAVAILABLE from exc

@@ -30,8 +30,16 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS agent_threads_updated_idx ON agent_threads (updated_at)",
     """CREATE TABLE IF NOT EXISTS agent_thread_leases (
         thread_key TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
         holder UUID NOT NULL,
         expires_at TIMESTAMPTZ NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS agent_thread_leases_tenant_idx ON agent_thread_leases (tenant, expires_at)",
+    """CREATE TABLE IF NOT EXISTS agent_rate_windows (
+        tenant TEXT NOT NULL,
+        window_start TIMESTAMPTZ NOT NULL,
+        requests INTEGER NOT NULL,
+        PRIMARY KEY (tenant, window_start)
     )""",
     """CREATE TABLE IF NOT EXISTS agent_transcript (
         seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

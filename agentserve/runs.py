@@ -7,12 +7,14 @@ returns what this turn added rather than the whole history.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun
 from langchain_core.messages import AnyMessage
 from langchain_core.runnables import ConfigurableFieldSpec, Runnable, RunnableConfig
+from langchain_core.runnables.config import get_config_list
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import BaseModel, Field
 
@@ -69,6 +71,43 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
         self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[dict[str, Any]]:
         raise NotImplementedError("the agent runs on the event loop: use ainvoke or astream")
+
+    async def read_thread(self, thread_key: str) -> tuple[list[AnyMessage], list[dict[str, Any]]]:
+        """The stored conversation of a thread and its pending interrupts."""
+        if self.graph is None:
+            raise RuntimeError("the agent graph is not attached yet")
+        snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_key}})
+        messages = list(snapshot.values.get("messages", []))
+        return messages, [{"id": i.id, "value": i.value} for i in snapshot.interrupts]
+
+    async def abatch(
+        self,
+        inputs: list[dict[str, Any]],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Inputs on different threads run concurrently; inputs that share a thread
+        run one after another, in order, so neither reads the other's stale state."""
+        configs = get_config_list(config, len(inputs))
+        by_thread: dict[str, list[int]] = {}
+        for index, item_config in enumerate(configs):
+            thread_id = str((item_config.get("configurable") or {}).get("thread_id"))
+            by_thread.setdefault(thread_id, []).append(index)
+        results: list[Any] = [None] * len(inputs)
+
+        async def run_in_order(indexes: list[int]) -> None:
+            for index in indexes:
+                try:
+                    results[index] = await self.ainvoke(inputs[index], configs[index], **kwargs)
+                except Exception as exc:
+                    if not return_exceptions:
+                        raise
+                    results[index] = exc
+
+        await asyncio.gather(*(run_in_order(indexes) for indexes in by_thread.values()))
+        return results
 
     async def ainvoke(
         self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any

@@ -56,6 +56,19 @@ class Settings(BaseSettings):
     # How many recent messages the model sees; the whole transcript stays stored.
     CONTEXT_MESSAGES: int = Field(default=40, ge=4)
 
+    # Threads: one run at a time each; a turn arriving meanwhile waits ("enqueue", up
+    # to BUSY_THREAD_WAIT_S) or is refused at once ("reject"), both ending in 409.
+    BUSY_THREAD_POLICY: Literal["enqueue", "reject"] = "enqueue"
+    BUSY_THREAD_WAIT_S: float = Field(default=10.0, ge=0)
+    THREAD_LEASE_TTL_S: float = Field(default=30.0, ge=1)
+    # Retention: idle threads are deleted, and only the newest checkpoints are kept.
+    THREAD_TTL_DAYS: float = Field(default=30.0, gt=0)
+    CHECKPOINTS_KEPT_PER_THREAD: int = Field(default=20, ge=1)
+    SWEEP_INTERVAL_S: float = Field(default=300.0, gt=0)
+    # Per-tenant limits shared by all workers (0 = no limit).
+    TENANT_REQUESTS_PER_MINUTE: int = Field(default=0, ge=0)
+    TENANT_MAX_CONCURRENT_RUNS: int = Field(default=0, ge=0)
+
     @property
     def offline_model(self) -> bool:
         return not self.OPENAI_API_KEY.get_secret_value()

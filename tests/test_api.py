@@ -164,14 +164,16 @@ def test_batch_runs_one_config_per_input_on_different_threads(client: TestClient
     assert outputs[1]["messages"][-1]["content"] == "Nice to meet you, Bo."
 
 
-def test_batch_with_two_inputs_on_one_thread_is_refused(client: TestClient, database_url: str) -> None:
-    one = {"messages": [{"role": "user", "content": "hi"}]}
-    response = client.post(
-        "/agent/batch", json={"inputs": [one, one], "config": {"configurable": {"thread_id": "dup"}}}
-    )
-    assert response.status_code == 409
-    assert "dup" in response.json()["detail"]
-    assert checkpoints_of(database_url, "default/dup") == 0
+def test_batch_inputs_on_one_thread_run_in_order_not_raced(client: TestClient) -> None:
+    def say(text: str) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": text}]}
+
+    body = {"inputs": [say("my name is Cy"), say("what is my name")], "config": {"configurable": {"thread_id": "dup"}}}
+    response = client.post("/agent/batch", json=body)
+    assert response.status_code == 200, response.text
+    outputs = response.json()["output"]
+    assert outputs[0]["messages"][-1]["content"] == "Nice to meet you, Cy."
+    assert outputs[1]["messages"][-1]["content"] == "Your name is Cy."
 
 
 def test_two_tenants_with_the_same_thread_id_have_unrelated_threads(client: TestClient) -> None:
