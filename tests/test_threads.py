@@ -9,9 +9,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from langchain_core.messages import AIMessage
+from psycopg.rows import dict_row
 
-from agentserve.persistence import connection_kwargs
-from agentserve.retention import SWEEP_LOCK_ID, RetentionPolicy, sweep_once
+from agentserve.retention import SWEEP_LOCK_ID, RetentionPolicy, SweepReport, sweep_once
 from agentserve.settings import Settings
 from app import create_app
 from tests.support import turn_body
@@ -48,6 +48,16 @@ def say(client: TestClient, text: str, thread: str, key: str = ALICE) -> Any:
 def answer(response: Any) -> str:
     assert response.status_code == 200, response.text
     return str(response.json()["output"]["messages"][-1]["content"])
+
+
+def hold_lease(database_url: str, thread_key: str, expires: str = "now() + interval '1 minute'") -> None:
+    """A lease as another run (or a dead worker) would have left it."""
+    tenant = thread_key.split("/")[0]
+    with db(database_url) as conn:
+        conn.execute(
+            f"INSERT INTO agent_thread_leases VALUES (%s, %s, gen_random_uuid(), {expires})",  # type: ignore[arg-type]
+            (thread_key, tenant),
+        )
 
 
 def count(database_url: str, sql: str, *params: Any) -> int:
@@ -122,10 +132,7 @@ def test_delete_erases_everything_and_the_thread_starts_fresh(client: TestClient
 
 
 def test_a_live_lease_makes_a_turn_wait_then_409_with_retry_after(client: TestClient, database_url: str) -> None:
-    with db(database_url) as conn:
-        conn.execute(
-            "INSERT INTO agent_thread_leases VALUES ('alice/busy-1', 'alice', gen_random_uuid(), now() + interval '1 minute')"
-        )
+    hold_lease(database_url, "alice/busy-1")
     response = say(client, "hello", "busy-1")
     assert response.status_code == 409
     assert "busy-1" in response.json()["detail"] and int(response.headers["retry-after"]) >= 1
@@ -133,8 +140,7 @@ def test_a_live_lease_makes_a_turn_wait_then_409_with_retry_after(client: TestCl
 
 
 def test_an_expired_lease_of_a_dead_holder_does_not_block(client: TestClient, database_url: str) -> None:
-    with db(database_url) as conn:
-        conn.execute("INSERT INTO agent_thread_leases VALUES ('alice/dead-1', 'alice', gen_random_uuid(), now())")
+    hold_lease(database_url, "alice/dead-1", expires="now()")
     assert answer(say(client, "hello", "dead-1")) == "You said: hello"
 
 
@@ -164,10 +170,7 @@ def test_tenant_rate_limit_is_a_429_with_retry_after(database_url: str) -> None:
 
 def test_tenant_concurrent_run_limit_is_a_429(database_url: str) -> None:
     with make_client(database_url, TENANT_MAX_CONCURRENT_RUNS=1, BUSY_THREAD_POLICY="reject") as limited:
-        with db(database_url) as conn:
-            conn.execute(
-                "INSERT INTO agent_thread_leases VALUES ('bob/other', 'bob', gen_random_uuid(), now() + interval '1 minute')"
-            )
+        hold_lease(database_url, "bob/other")
         response = say(limited, "hi", "limited-1", key=BOB)
         assert response.status_code == 429 and "runs in progress" in response.json()["detail"]
         assert say(limited, "hi", "limited-1", key=CAROL).status_code == 200
@@ -186,16 +189,20 @@ def retention(ttl_s: float = 3600, keep: int = 2) -> RetentionPolicy:
     return RetentionPolicy(thread_ttl_s=ttl_s, checkpoints_kept=keep, interval_s=600)
 
 
+async def sweep(database_url: str) -> SweepReport:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        return await sweep_once(conn, retention(ttl_s=3600, keep=2))
+
+
 def test_sweep_deletes_idle_threads_and_prunes_old_checkpoints(client: TestClient, database_url: str) -> None:
     answer(say(client, "old news", "idle-1"))
     for text in ("a", "b", "c"):
         answer(say(client, text, "busy-thread"))
     with db(database_url) as conn:
         conn.execute(
-            "UPDATE agent_threads SET updated_at = now() - interval '2 hours' WHERE thread_key = 'alice/idle-1'"
+            "UPDATE agent_threads SET updated_at = now() - interval '2 hours' WHERE thread_key = %s", ("alice/idle-1",)
         )
-    with psycopg.connect(database_url, **connection_kwargs(Settings(_env_file=None))) as conn:  # type: ignore[arg-type, call-arg]
-        report = _run(sweep_once, conn, retention(ttl_s=3600, keep=2))
+    report = client.portal.call(sweep, database_url)  # type: ignore[union-attr]
     assert report.swept and report.threads_deleted >= 1
     assert count(database_url, "SELECT count(*) FROM checkpoints WHERE thread_id = 'alice/idle-1'") == 0
     assert client.get("/threads/idle-1/state").status_code == 404
@@ -204,22 +211,8 @@ def test_sweep_deletes_idle_threads_and_prunes_old_checkpoints(client: TestClien
     assert answer(say(client, "what did I say before?", "busy-thread")).startswith("Earlier you said:")
 
 
-def test_only_one_worker_sweeps_at_a_time(database_url: str) -> None:
-    with db(database_url) as holder:
-        with holder.transaction():
-            holder.execute("SELECT pg_advisory_xact_lock(%s)", (SWEEP_LOCK_ID,))
-            with psycopg.connect(database_url, **connection_kwargs(Settings(_env_file=None))) as conn:  # type: ignore[arg-type, call-arg]
-                assert _run(sweep_once, conn, retention()).swept is False
-
-
-def _run(function: Any, conn: Any, policy: RetentionPolicy) -> Any:
-    """sweep_once is async; run it on an async connection to the same database."""
-    import asyncio
-
-    async def go() -> Any:
-        async with await psycopg.AsyncConnection.connect(
-            conn.info.dsn, **connection_kwargs(Settings(_env_file=None))
-        ) as aconn:  # type: ignore[arg-type, call-arg]
-            return await function(aconn, policy)
-
-    return asyncio.run(go())
+async def test_only_one_worker_sweeps_at_a_time(database_url: str) -> None:
+    with db(database_url) as holder, holder.transaction():
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (SWEEP_LOCK_ID,))
+        assert (await sweep(database_url)).swept is False
+    assert (await sweep(database_url)).swept is True
