@@ -19,7 +19,7 @@ from langserve.server import EndpointName
 
 from agent import build_graph
 from agentserve.admission import admit_run
-from agentserve.auth import KeyRing, authenticate
+from agentserve.auth import JwtVerifier, KeyRing, authenticate
 from agentserve.errors import install_error_handlers
 from agentserve.leases import LeasePolicy, ThreadLeases
 from agentserve.logs import configure_logging
@@ -80,7 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_logging(config.LOG_LEVEL)
         app.state.settings = config
         app.state.keyring = KeyRing.from_settings(config)
-        if not len(app.state.keyring):
+        app.state.jwt = JwtVerifier.from_settings(config)
+        if not len(app.state.keyring) and app.state.jwt is None:
             raise RuntimeError("no API key configured: set AGENT_API_KEY (make run writes one into .env)")
         url = await asyncio.to_thread(database_url, config)
         await setup_schema(url, config)

@@ -1,4 +1,4 @@
-"""Who is calling: API keys (kept only as hashes) mapped to tenants."""
+"""Who is calling: API keys (kept only as hashes) or verified JWTs, each naming a tenant."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated
 
+import jwt
 from fastapi import Depends, HTTPException, Request
 
 from agentserve.settings import Settings
@@ -20,6 +21,7 @@ UNAUTHORIZED = "missing or invalid API key: send it in the X-API-Key header or a
 @dataclass(frozen=True)
 class Principal:
     tenant: str
+    user: str | None = None
 
 
 def _digest(key: str) -> bytes:
@@ -69,13 +71,60 @@ def presented_key(request: Request) -> str | None:
     return None
 
 
-def authenticate(request: Request) -> Principal:
+class JwtVerifier:
+    """Verifies bearer JWTs: signature, expiry, and audience and issuer when set."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.JWT_PUBLIC_KEY:
+            self.key, self.algorithms = settings.JWT_PUBLIC_KEY, ["RS256"]
+        else:
+            self.key, self.algorithms = settings.JWT_SECRET.get_secret_value(), ["HS256"]
+        self.audience = settings.JWT_AUDIENCE or None
+        self.issuer = settings.JWT_ISSUER or None
+        self.tenant_claim = settings.JWT_TENANT_CLAIM
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JwtVerifier | None:
+        configured = settings.JWT_PUBLIC_KEY or settings.JWT_SECRET.get_secret_value()
+        return cls(settings) if configured else None
+
+    def principal_for(self, token: str) -> Principal | None:
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp"]},
+            )
+        except jwt.InvalidTokenError:
+            return None
+        tenant = claims.get(self.tenant_claim)
+        if not isinstance(tenant, str) or not TENANT_NAME.match(tenant):
+            return None
+        subject = claims.get("sub")
+        return Principal(tenant=tenant, user=subject if isinstance(subject, str) else None)
+
+
+def looks_like_jwt(credential: str) -> bool:
+    return credential.count(".") == 2
+
+
+def principal_for(request: Request, credential: str) -> Principal | None:
+    verifier: JwtVerifier | None = request.app.state.jwt
+    if verifier is not None and looks_like_jwt(credential):
+        return verifier.principal_for(credential)
     keyring: KeyRing = request.app.state.keyring
-    key = presented_key(request)
-    tenant = keyring.tenant_for(key) if key else None
-    if tenant is None:
+    tenant = keyring.tenant_for(credential)
+    return Principal(tenant=tenant) if tenant else None
+
+
+def authenticate(request: Request) -> Principal:
+    credential = presented_key(request)
+    principal = principal_for(request, credential) if credential else None
+    if principal is None:
         raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": 'Bearer realm="agent"'})
-    principal = Principal(tenant=tenant)
     request.state.principal = principal
     return principal
 

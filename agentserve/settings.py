@@ -22,6 +22,14 @@ class Settings(BaseSettings):
     AGENT_API_KEY: SecretStr = SecretStr("")
     AGENT_API_KEYS: SecretStr = SecretStr("")
 
+    # Optional JWT bearer auth: HS256 with a shared secret, or RS256 with a public key
+    # (PEM). The tenant comes from JWT_TENANT_CLAIM, the user from "sub".
+    JWT_SECRET: SecretStr = SecretStr("")
+    JWT_PUBLIC_KEY: str = ""
+    JWT_AUDIENCE: str = ""
+    JWT_ISSUER: str = ""
+    JWT_TENANT_CLAIM: str = "tenant"
+
     # PostgreSQL. Empty means: start an embedded server under DATA_DIR.
     DATABASE_URL: SecretStr = SecretStr("")
     DATA_DIR: Path = Path(".data")
