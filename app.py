@@ -18,7 +18,7 @@ from langserve import add_routes
 from langserve.server import EndpointName
 
 from agent import build_graph
-from agentserve.admission import admit_run
+from agentserve.admission import admit_run, admit_stream
 from agentserve.auth import JwtVerifier, KeyRing, authenticate
 from agentserve.errors import install_error_handlers
 from agentserve.leases import LeasePolicy, ThreadLeases
@@ -31,6 +31,7 @@ from agentserve.retention import RetentionPolicy, sweep_forever
 from agentserve.runs import AgentRunnable
 from agentserve.settings import Settings, get_settings
 from agentserve.threads import router as threads_router
+from agentserve.transcript import Transcript
 
 log = logging.getLogger("agentserve")
 
@@ -98,7 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("no OPENAI_API_KEY: answering with the offline model simulator at %s", offline_url)
             model = build_chat_model(config, offline_url)
             saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
-            agent.max_steps = config.MAX_STEPS
+            agent.max_steps, agent.context_messages = config.MAX_STEPS, config.CONTEXT_MESSAGES
+            agent.transcript = Transcript(pool)
             agent.graph = build_graph(model, saver, context_messages=config.CONTEXT_MESSAGES)
             app.state.agent, app.state.saver, app.state.model_name = agent, saver, model.model_name
             app.state.leases = ThreadLeases(pool, lease_policy(config))
@@ -142,7 +144,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         agent,
         path="/agent",
         enabled_endpoints=ENDPOINTS,
-        dependencies=[Depends(authenticate), Depends(admit_run)],
+        dependencies=[
+            Depends(authenticate),
+            Depends(admit_run, scope="function"),
+            Depends(admit_stream, scope="request"),
+        ],
         per_req_config_modifier=scope_config_to_caller,
     )
     # Added last so they wrap everything: the id first, then the size bound.

@@ -8,6 +8,7 @@ are plain 4xx responses (a stream that has begun can only report a 500):
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -105,12 +106,39 @@ def refuse_shared_threads(thread_ids: list[str]) -> None:
         first_input[thread_id] = index
 
 
-async def admit_run(request: Request) -> AsyncIterator[None]:
-    """FastAPI dependency for every route LangServe adds; runs after `authenticate`."""
+STREAM_ENDPOINTS = frozenset({"stream", "stream_events", "stream_log"})
+
+
+def run_endpoint_of(request: Request) -> str | None:
     endpoint = request.url.path.rstrip("/").rsplit("/", 1)[-1]
-    if request.method != "POST" or endpoint not in RUN_ENDPOINTS:
+    return endpoint if request.method == "POST" and endpoint in RUN_ENDPOINTS else None
+
+
+async def admit_run(request: Request) -> AsyncIterator[None]:
+    """For invoke and batch; registered with scope="function", so the thread is
+    released as soon as the run returns, before the response goes out: a client
+    that has its answer can send the next turn at once, even if we crash now."""
+    endpoint = run_endpoint_of(request)
+    if endpoint is None or endpoint in STREAM_ENDPOINTS:
         yield
         return
+    async with admitted(request, endpoint):
+        yield
+
+
+async def admit_stream(request: Request) -> AsyncIterator[None]:
+    """For the streaming endpoints; registered with scope="request", so the thread
+    stays held until the last event has been sent."""
+    endpoint = run_endpoint_of(request)
+    if endpoint is None or endpoint not in STREAM_ENDPOINTS:
+        yield
+        return
+    async with admitted(request, endpoint):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def admitted(request: Request, endpoint: str) -> AsyncIterator[None]:
     settings: Settings = request.app.state.settings
     tenant: str = request.state.principal.tenant
     body = await read_json_object(request)

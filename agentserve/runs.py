@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun
-from langchain_core.messages import AnyMessage
+from langchain_core.messages import AnyMessage, RemoveMessage
 from langchain_core.runnables import ConfigurableFieldSpec, Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import BaseModel, Field
 
 from agentserve.messages import TurnInput
+from agentserve.transcript import Transcript, archivable_prefix
 
 THREAD_ID_DESCRIPTION = "Your name for the conversation; a new name starts a new one."
 
@@ -48,9 +49,11 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
 
     name = "agent"
 
-    def __init__(self, *, max_steps: int = 12) -> None:
+    def __init__(self, *, max_steps: int = 12, context_messages: int = 40) -> None:
         self.graph: CompiledStateGraph | None = None
+        self.transcript: Transcript | None = None
         self.max_steps = max_steps
+        self.context_messages = context_messages
 
     def get_input_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
         return TurnInput
@@ -77,7 +80,11 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
         if self.graph is None:
             raise RuntimeError("the agent graph is not attached yet")
         snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_key}})
-        messages = list(snapshot.values.get("messages", []))
+        recent = list(snapshot.values.get("messages", []))
+        archived = await self.transcript.read(thread_key) if self.transcript else []
+        # A crash between archiving and trimming leaves a message in both places.
+        archived_ids = {m.id for m in archived}
+        messages = archived + [m for m in recent if m.id not in archived_ids]
         return messages, [{"id": i.id, "value": i.value} for i in snapshot.interrupts]
 
     async def abatch(
@@ -146,9 +153,32 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
             "recursion_limit": self.max_steps,
             "callbacks": config.get("callbacks"),
         }
-        async for update in self.graph.astream(turn, graph_config, stream_mode="updates"):
-            for node, value in update.items():
+        state: dict[str, Any] = {}
+        interrupted = False
+        async for mode, data in self.graph.astream(turn, graph_config, stream_mode=["updates", "values"]):
+            assert isinstance(data, dict)
+            if mode == "values":
+                state = data
+                continue
+            for node, value in data.items():
                 if node == "__interrupt__":
+                    interrupted = True
                     yield {"__interrupt__": [{"id": i.id, "value": i.value} for i in value]}
                 elif isinstance(value, dict) and value.get("messages"):
                     yield {"messages": list(value["messages"])}
+        if not interrupted:
+            await self._compact(graph_config["configurable"], state.get("messages", []))
+
+    async def _compact(self, configurable: dict[str, Any], messages: list[AnyMessage]) -> None:
+        """Move old messages from the state to the transcript once the state holds
+        twice the context window, so checkpoints stop growing with the thread. Done
+        in batches, so the extra checkpoint write happens once per many turns."""
+        if self.graph is None or self.transcript is None or len(messages) <= 2 * self.context_messages:
+            return
+        cut = archivable_prefix(messages, self.context_messages)
+        if not cut:
+            return
+        old = messages[:cut]
+        await self.transcript.append(configurable["thread_id"], old)
+        removals = [RemoveMessage(id=str(m.id)) for m in old]
+        await self.graph.aupdate_state({"configurable": configurable}, {"messages": removals}, as_node="call_model")

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # to BUSY_THREAD_WAIT_S) or is refused at once ("reject"), both ending in 409.
     BUSY_THREAD_POLICY: Literal["enqueue", "reject"] = "enqueue"
     BUSY_THREAD_WAIT_S: float = Field(default=10.0, ge=0)
-    THREAD_LEASE_TTL_S: float = Field(default=30.0, ge=1)
+    THREAD_LEASE_TTL_S: float = Field(default=15.0, ge=1)
     # Retention: idle threads are deleted, and only the newest checkpoints are kept.
     THREAD_TTL_DAYS: float = Field(default=30.0, gt=0)
     CHECKPOINTS_KEPT_PER_THREAD: int = Field(default=20, ge=1)

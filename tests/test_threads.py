@@ -216,3 +216,19 @@ async def test_only_one_worker_sweeps_at_a_time(database_url: str) -> None:
         holder.execute("SELECT pg_advisory_xact_lock(%s)", (SWEEP_LOCK_ID,))
         assert (await sweep(database_url)).swept is False
     assert (await sweep(database_url)).swept is True
+
+
+def test_long_threads_keep_a_bounded_state_and_the_whole_transcript(database_url: str) -> None:
+    with make_client(database_url, CONTEXT_MESSAGES=4) as short:
+        texts = [f"note {i}" for i in range(12)]
+        for text in texts:
+            answer(say(short, text, "long-1"))
+        agent = short.app.state.agent  # type: ignore[attr-defined]
+        config = {"configurable": {"thread_id": "alice/long-1"}}
+        state = short.portal.call(agent.graph.aget_state, config)  # type: ignore[union-attr]
+        assert len(state.values["messages"]) <= 2 * 4 + 2
+        messages = short.get("/threads/long-1/state").json()["messages"]
+        assert [m["content"] for m in messages if m["type"] == "human"] == texts
+        assert [m["content"] for m in messages if m["type"] == "ai"] == [f"You said: {t}" for t in texts]
+        # The model sees only the recent window.
+        assert answer(say(short, "what did I say before?", "long-1")) == 'Earlier you said: "note 11"'
