@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Literal
 
 from langchain_core.language_models import BaseChatModel
@@ -20,9 +21,12 @@ from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.managed import RemainingSteps
 from langgraph.prebuilt import ToolNode
+from langgraph.types import interrupt
+from pydantic import Field
 from typing_extensions import TypedDict
 
 from agentserve.calculator import CalculatorError, evaluate, format_number
+from agentserve.refunds import RefundLedger
 
 SYSTEM_PROMPT = (
     "You are a helpful customer-support assistant. Use the calculator for any "
@@ -52,6 +56,32 @@ def current_datetime() -> str:
 
 
 TOOLS: list[BaseTool] = [calculator, current_datetime]
+Amount = Annotated[float, Field(gt=0, le=10_000, description="Amount to refund, in the order's currency")]
+
+
+def refund_tool(ledger: RefundLedger) -> BaseTool:
+    """`issue_refund`, which pays out only after a person approves it: the run
+    pauses at `interrupt` and resumes with the reviewer's decision."""
+
+    @tool
+    async def issue_refund(order_id: str, amount: Amount, config: RunnableConfig) -> str:
+        """Refund `amount` to the customer for `order_id`. A person must approve it first."""
+        decision = interrupt({"action": "issue_refund", "args": {"order_id": order_id, "amount": amount}})
+        if not isinstance(decision, dict) or decision.get("approved") is not True:
+            reason = decision.get("reason") if isinstance(decision, dict) else None
+            return f"Refund rejected by the reviewer{f': {reason}' if reason else ''}. It was not issued."
+        configurable = config.get("configurable") or {}
+        refund = await ledger.record(
+            str(configurable["tenant"]),
+            order_id,
+            Decimal(str(amount)).quantize(Decimal("0.01")),
+            str(configurable["thread_id"]),
+        )
+        if refund.new:
+            return f"Refund {refund.refund_id} of {refund.amount} issued for order {order_id}."
+        return f"Order {order_id} was already refunded ({refund.amount}, {refund.refund_id}); nothing more was paid."
+
+    return issue_refund
 
 
 class AgentState(TypedDict):

@@ -17,7 +17,7 @@ from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langserve import add_routes
 from langserve.server import EndpointName
 
-from agent import build_graph
+from agent import TOOLS, build_graph, refund_tool
 from agentserve.admission import admit_run, admit_stream
 from agentserve.auth import JwtVerifier, KeyRing, authenticate
 from agentserve.errors import install_error_handlers
@@ -27,6 +27,7 @@ from agentserve.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from agentserve.model import build_chat_model
 from agentserve.offline_model import serve_offline_model
 from agentserve.persistence import create_pool, database_url, setup_schema
+from agentserve.refunds import RefundLedger
 from agentserve.retention import RetentionPolicy, sweep_forever
 from agentserve.runs import AgentRunnable
 from agentserve.settings import Settings, get_settings
@@ -100,8 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model = build_chat_model(config, offline_url)
             saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
             agent.max_steps, agent.context_messages = config.MAX_STEPS, config.CONTEXT_MESSAGES
-            agent.transcript = Transcript(pool)
-            agent.graph = build_graph(model, saver, context_messages=config.CONTEXT_MESSAGES)
+            agent.transcript, agent.pool = Transcript(pool), pool
+            tools = [*TOOLS, refund_tool(RefundLedger(pool))]
+            agent.graph = build_graph(model, saver, tools=tools, context_messages=config.CONTEXT_MESSAGES)
             app.state.agent, app.state.saver, app.state.model_name = agent, saver, model.model_name
             app.state.leases = ThreadLeases(pool, lease_policy(config))
             sweeper = asyncio.create_task(sweep_forever(pool, retention_policy(config)))

@@ -137,6 +137,23 @@ async def admit_stream(request: Request) -> AsyncIterator[None]:
         yield
 
 
+async def refuse_turns_that_do_not_fit(
+    request: Request, tenant: str, turns: list[tuple[str, Any]], pending: dict[str, Any]
+) -> None:
+    """A paused thread takes only a decision; a decision needs a paused thread."""
+    for thread_id, turn_input in turns:
+        resuming = isinstance(turn_input, dict) and turn_input.get("resume") is not None
+        if resuming and not await request.app.state.agent.pending_actions(thread_key_for(tenant, thread_id)):
+            raise HTTPException(409, f"thread {thread_id!r} has no pending action to resume; send messages instead")
+        if not resuming and thread_id in pending:
+            actions = [item["value"] for item in pending[thread_id]]
+            raise HTTPException(
+                409,
+                f"thread {thread_id!r} is waiting for approval of {json.dumps(actions)}; "
+                'resume it with {"resume": {"approved": true}} or {"resume": {"approved": false, "reason": "..."}}',
+            )
+
+
 @contextlib.asynccontextmanager
 async def admitted(request: Request, endpoint: str) -> AsyncIterator[None]:
     settings: Settings = request.app.state.settings
@@ -153,7 +170,8 @@ async def admitted(request: Request, endpoint: str) -> AsyncIterator[None]:
         keys = [thread_key_for(tenant, thread_id) for thread_id in thread_ids]
         async with request.app.state.leases.hold(tenant, keys):
             async with request.app.state.pool.connection() as conn:
-                await touch_threads(conn, tenant, sorted(set(thread_ids)))
+                pending = await touch_threads(conn, tenant, sorted(set(thread_ids)))
+            await refuse_turns_that_do_not_fit(request, tenant, turns, pending)
             yield
     except RateLimited as exc:
         raise HTTPException(

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.messages import HumanMessage
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_MESSAGES_PER_TURN = 20
+EITHER_MESSAGES_OR_RESUME = 'send either "messages" (a new turn) or "resume" (a decision on a pending action)'
 # OpenAI's roles and LangChain's types for what a caller is allowed to say.
 CALLER_ROLES = {"user": "human", "human": "human"}
 SEND_THIS = "send {'role': 'user', 'content': '...'}, {'type': 'human', 'content': '...'} or ['human', '...']"
@@ -29,13 +30,31 @@ def as_human_message_dict(index: int, value: Any) -> Any:
     return {**body, "type": "human"}
 
 
-class TurnInput(BaseModel):
-    """One turn of a conversation: the caller's new messages. The thread is named in
-    `config.configurable.thread_id`; the server keeps the history."""
+class Decision(BaseModel):
+    """A reviewer's answer to the action a thread is waiting on."""
 
     model_config = ConfigDict(extra="forbid")
 
-    messages: list[HumanMessage] = Field(min_length=1, max_length=MAX_MESSAGES_PER_TURN)
+    approved: bool
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class TurnInput(BaseModel):
+    """One turn of a conversation: the caller's new messages, or the decision on a
+    pending action. The thread is named in `config.configurable.thread_id`; the
+    server keeps the history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[HumanMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES_PER_TURN)
+    resume: Decision | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_or_resume(cls, value: Any) -> Any:
+        if isinstance(value, dict) and (value.get("messages") is None) == (value.get("resume") is None):
+            raise ValueError(EITHER_MESSAGES_OR_RESUME)
+        return value
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -46,8 +65,8 @@ class TurnInput(BaseModel):
 
     @field_validator("messages")
     @classmethod
-    def _refuse_empty_content(cls, value: list[HumanMessage]) -> list[HumanMessage]:
-        for index, message in enumerate(value):
+    def _refuse_empty_content(cls, value: list[HumanMessage] | None) -> list[HumanMessage] | None:
+        for index, message in enumerate(value or []):
             if not message.content:
                 raise ValueError(f"messages[{index}].content is empty")
         return value

@@ -41,6 +41,16 @@ SCHEMA = [
         requests INTEGER NOT NULL,
         PRIMARY KEY (tenant, window_start)
     )""",
+    """CREATE TABLE IF NOT EXISTS agent_refunds (
+        refund_id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+        tenant TEXT NOT NULL,
+        order_id TEXT NOT NULL,
+        amount NUMERIC(12, 2) NOT NULL,
+        thread_key TEXT NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        UNIQUE (tenant, order_id)
+    )""",
+    "ALTER TABLE agent_threads ADD COLUMN IF NOT EXISTS pending JSONB",
     """CREATE TABLE IF NOT EXISTS agent_transcript (
         seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         thread_key TEXT NOT NULL,

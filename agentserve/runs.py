@@ -16,15 +16,27 @@ from langchain_core.messages import AnyMessage, RemoveMessage
 from langchain_core.runnables import ConfigurableFieldSpec, Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
 from langgraph.graph.state import CompiledStateGraph
-from pydantic import BaseModel, Field
+from langgraph.types import Command
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, ConfigDict, Field
 
 from agentserve.messages import TurnInput
 from agentserve.transcript import Transcript, archivable_prefix
 
+SET_PENDING = "UPDATE agent_threads SET pending = %s WHERE thread_key = %s"
 THREAD_ID_DESCRIPTION = "Your name for the conversation; a new name starts a new one."
 
 
 class TurnOutput(BaseModel):
+    """What a turn added. When the agent pauses for a person's approval, the output
+    also carries `__interrupt__`: the pending action, to answer with `resume`."""
+
+    # Extra keys allowed so that `__interrupt__` (LangGraph's name) reaches the caller.
+    model_config = ConfigDict(extra="allow")
+
     thread_id: str
     messages: list[AnyMessage] = Field(
         description="The messages this turn added: tool calls, tool results, the answer."
@@ -52,6 +64,7 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
     def __init__(self, *, max_steps: int = 12, context_messages: int = 40) -> None:
         self.graph: CompiledStateGraph | None = None
         self.transcript: Transcript | None = None
+        self.pool: AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
         self.max_steps = max_steps
         self.context_messages = context_messages
 
@@ -148,26 +161,45 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
             raise ValueError("a turn needs configurable.tenant and configurable.thread_id")
         # Built from scratch: nothing the caller sent reaches the checkpointer's config,
         # and the step budget is the server's.
+        thread_key = thread_key_for(str(tenant), str(thread_id))
         graph_config: RunnableConfig = {
-            "configurable": {"thread_id": thread_key_for(str(tenant), str(thread_id))},
+            "configurable": {"thread_id": thread_key, "tenant": str(tenant)},
             "recursion_limit": self.max_steps,
             "callbacks": config.get("callbacks"),
         }
+        resume = turn.get("resume")
+        graph_input: Any = Command(resume=resume) if resume is not None else {"messages": turn["messages"]}
         state: dict[str, Any] = {}
-        interrupted = False
-        async for mode, data in self.graph.astream(turn, graph_config, stream_mode=["updates", "values"]):
+        interrupted: list[dict[str, Any]] = []
+        async for mode, data in self.graph.astream(graph_input, graph_config, stream_mode=["updates", "values"]):
             assert isinstance(data, dict)
             if mode == "values":
                 state = data
                 continue
             for node, value in data.items():
                 if node == "__interrupt__":
-                    interrupted = True
-                    yield {"__interrupt__": [{"id": i.id, "value": i.value} for i in value]}
+                    interrupted = [{"id": i.id, "value": i.value} for i in value]
+                    yield {"__interrupt__": interrupted}
                 elif isinstance(value, dict) and value.get("messages"):
                     yield {"messages": list(value["messages"])}
+        if interrupted or resume is not None:
+            await self._record_pending(thread_key, interrupted or None)
         if not interrupted:
             await self._compact(graph_config["configurable"], state.get("messages", []))
+
+    async def _record_pending(self, thread_key: str, pending: list[dict[str, Any]] | None) -> None:
+        """Mirror the thread's pending action into its registry row, so admission can
+        refuse a new message on a paused thread without reading the checkpoint."""
+        if self.pool is not None:
+            async with self.pool.connection() as conn:
+                await conn.execute(SET_PENDING, (Jsonb(pending) if pending else None, thread_key))
+
+    async def pending_actions(self, thread_key: str) -> list[dict[str, Any]]:
+        """The interrupts a thread is waiting on, read from its checkpoint."""
+        if self.graph is None:
+            raise RuntimeError("the agent graph is not attached yet")
+        snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_key}})
+        return [{"id": i.id, "value": i.value} for i in snapshot.interrupts]
 
     async def _compact(self, configurable: dict[str, Any], messages: list[AnyMessage]) -> None:
         """Move old messages from the state to the transcript once the state holds

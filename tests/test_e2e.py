@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
 from langserve import RemoteRunnable
 
 from tests.support import SMOKE_BODY, TEST_KEY, ServerProcess, answer_of, turn_body
@@ -142,5 +143,24 @@ def test_conversation_survives_kill_9_of_the_whole_server(database_url: str, wor
         with restarted.client() as client:
             fourth = answer_of(client.post("/agent/invoke", json=turn_body("what did I say before?", thread)))
         assert fourth == ('Earlier you said: "my name is Ada"; "What is 12 * 8?"; "what did I say before?"')
+    finally:
+        restarted.stop()
+
+
+def test_a_paused_refund_survives_kill_9_and_resumes_through_remote_runnable(database_url: str, workdir: Path) -> None:
+    thread: RunnableConfig = {"configurable": {"thread_id": "refund-kill"}}
+    first = ServerProcess(database_url, workdir).start()
+    try:
+        paused = remote(first).invoke({"messages": [("human", "Please refund order K-9 for 12.00")]}, config=thread)
+        assert paused["__interrupt__"][0]["value"]["args"] == {"order_id": "K-9", "amount": 12.0}
+    finally:
+        first.kill()
+    restarted = ServerProcess(database_url, workdir).start()
+    try:
+        with restarted.client() as client:
+            pending = client.get("/threads/refund-kill/state").json()["pending"]
+            assert pending[0]["value"]["action"] == "issue_refund"
+        resumed = remote(restarted).invoke({"resume": {"approved": True}}, config=thread)
+        assert "issued for order K-9" in resumed["messages"][-1].content
     finally:
         restarted.stop()
