@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langserve import add_routes
 from langserve.server import EndpointName
@@ -27,10 +27,14 @@ from agentserve.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from agentserve.model import build_chat_model
 from agentserve.offline_model import serve_offline_model
 from agentserve.persistence import create_pool, database_url, setup_schema
+from agentserve.playground import PATH as PLAYGROUND_PATH
+from agentserve.playground import PlaygroundChat, admit_playground_turn, scope_config_to_session
 from agentserve.refunds import RefundLedger
 from agentserve.retention import RetentionPolicy, sweep_forever
 from agentserve.runs import AgentRunnable
+from agentserve.sessions import SessionSigner
 from agentserve.settings import Settings, get_settings
+from agentserve.signin import router as signin_router
 from agentserve.threads import router as threads_router
 from agentserve.transcript import Transcript
 
@@ -41,7 +45,6 @@ ENDPOINTS: list[EndpointName] = [
     "batch",
     "stream",
     "stream_events",
-    "playground",
     "input_schema",
     "output_schema",
     "config_schema",
@@ -83,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = config
         app.state.keyring = KeyRing.from_settings(config)
         app.state.jwt = JwtVerifier.from_settings(config)
+        app.state.sessions = SessionSigner.from_settings(config)
         if not len(app.state.keyring) and app.state.jwt is None:
             raise RuntimeError("no API key configured: set AGENT_API_KEY (make run writes one into .env)")
         url = await asyncio.to_thread(database_url, config)
@@ -153,6 +157,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
         per_req_config_modifier=scope_config_to_caller,
     )
+    app.include_router(signin_router)
+    add_routes(
+        app,
+        PlaygroundChat(agent),
+        path=PLAYGROUND_PATH,
+        enabled_endpoints=["playground", "invoke", "stream_log", "input_schema", "output_schema", "config_hashes"],
+        playground_type="chat",
+        dependencies=[Depends(authenticate), Depends(admit_playground_turn, scope="request")],
+        per_req_config_modifier=scope_config_to_session,
+    )
+
+    @app.get("/agent/playground/", include_in_schema=False, dependencies=[Depends(authenticate)])
+    async def playground() -> RedirectResponse:
+        """The agent's playground is the chat one, which speaks for the browser's session."""
+        return RedirectResponse(f"{PLAYGROUND_PATH}/playground/", status_code=307)
+
     # Added last so they wrap everything: the id first, then the size bound.
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(RequestIdMiddleware)

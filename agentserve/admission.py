@@ -122,7 +122,7 @@ async def admit_run(request: Request) -> AsyncIterator[None]:
     if endpoint is None or endpoint in STREAM_ENDPOINTS:
         yield
         return
-    async with admitted(request, endpoint):
+    async with admitted(request, await api_turns(request, endpoint)):
         yield
 
 
@@ -133,8 +133,17 @@ async def admit_stream(request: Request) -> AsyncIterator[None]:
     if endpoint is None or endpoint not in STREAM_ENDPOINTS:
         yield
         return
-    async with admitted(request, endpoint):
+    async with admitted(request, await api_turns(request, endpoint)):
         yield
+
+
+async def api_turns(request: Request, endpoint: str) -> list[tuple[str, Any]]:
+    body = await read_json_object(request)
+    turns = requested_turns(body, endpoint)
+    validate_inputs(turns, endpoint)
+    if request.app.state.settings.BUSY_THREAD_POLICY == "reject":
+        refuse_shared_threads([thread_id for thread_id, _ in turns])
+    return turns
 
 
 async def refuse_turns_that_do_not_fit(
@@ -155,15 +164,11 @@ async def refuse_turns_that_do_not_fit(
 
 
 @contextlib.asynccontextmanager
-async def admitted(request: Request, endpoint: str) -> AsyncIterator[None]:
+async def admitted(request: Request, turns: list[tuple[str, Any]]) -> AsyncIterator[None]:
+    """Holds the turns' threads for the block, once limits and pending actions allow."""
     settings: Settings = request.app.state.settings
     tenant: str = request.state.principal.tenant
-    body = await read_json_object(request)
-    turns = requested_turns(body, endpoint)
-    validate_inputs(turns, endpoint)
     thread_ids = [thread_id for thread_id, _ in turns]
-    if settings.BUSY_THREAD_POLICY == "reject":
-        refuse_shared_threads(thread_ids)
     try:
         async with request.app.state.pool.connection() as conn:
             await count_request(conn, tenant, settings.TENANT_REQUESTS_PER_MINUTE)

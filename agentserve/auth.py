@@ -11,6 +11,7 @@ from typing import Annotated
 import jwt
 from fastapi import Depends, HTTPException, Request
 
+from agentserve.sessions import COOKIE, SessionSigner, signin_redirect
 from agentserve.settings import Settings
 
 DEFAULT_TENANT = "default"
@@ -22,6 +23,8 @@ UNAUTHORIZED = "missing or invalid API key: send it in the X-API-Key header or a
 class Principal:
     tenant: str
     user: str | None = None
+    # Set for a signed-in browser: the playground's conversation.
+    session_thread: str | None = None
 
 
 def _digest(key: str) -> bytes:
@@ -120,10 +123,19 @@ def principal_for(request: Request, credential: str) -> Principal | None:
     return Principal(tenant=tenant) if tenant else None
 
 
+def session_principal(request: Request) -> Principal | None:
+    cookie = request.cookies.get(COOKIE)
+    signer: SessionSigner = request.app.state.sessions
+    session = signer.verify(cookie) if cookie else None
+    return Principal(tenant=session.tenant, session_thread=session.thread_id) if session else None
+
+
 def authenticate(request: Request) -> Principal:
     credential = presented_key(request)
-    principal = principal_for(request, credential) if credential else None
+    principal = principal_for(request, credential) if credential else session_principal(request)
     if principal is None:
+        if request.method == "GET" and "/playground" in request.url.path:
+            raise HTTPException(303, "sign in first", headers={"Location": signin_redirect(request.url.path)})
         raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": 'Bearer realm="agent"'})
     request.state.principal = principal
     return principal

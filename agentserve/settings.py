@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     AGENT_API_KEY: SecretStr = SecretStr("")
     AGENT_API_KEYS: SecretStr = SecretStr("")
 
+    # Signs playground session cookies; derived from the API keys when empty.
+    SESSION_SECRET: SecretStr = SecretStr("")
+
     # Optional JWT bearer auth: HS256 with a shared secret, or RS256 with a public key
     # (PEM). The tenant comes from JWT_TENANT_CLAIM, the user from "sub".
     JWT_SECRET: SecretStr = SecretStr("")

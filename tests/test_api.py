@@ -78,7 +78,8 @@ def test_missing_or_wrong_key_is_a_json_401_that_never_echoes_the_key(
     assert response.status_code == 401
     assert "API key" in response.json()["detail"]
     assert "wrong-key-that-is-long" not in response.text
-    assert client.get("/agent/playground/", headers=headers).status_code == 401
+    playground = client.get("/agent/playground/", headers=headers, follow_redirects=False)
+    assert playground.status_code == 303 and playground.headers["location"].startswith("/signin")
 
 
 @pytest.mark.parametrize(
