@@ -6,11 +6,13 @@ The graph knows nothing of HTTP or of who is calling; `agentserve.runs` adapts i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
+import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -25,7 +27,9 @@ from langgraph.types import interrupt
 from pydantic import Field
 from typing_extensions import TypedDict
 
+from agentserve.breaker import CircuitBreaker
 from agentserve.calculator import CalculatorError, evaluate, format_number
+from agentserve.metrics import BREAKER_OPEN, MODEL_CALL_DURATION, MODEL_CALL_ERRORS
 from agentserve.refunds import RefundLedger
 
 SYSTEM_PROMPT = (
@@ -37,6 +41,8 @@ STEP_BUDGET_ANSWER = (
     "I'm sorry, I could not finish this within the number of steps I'm allowed. "
     "Please ask again, perhaps in smaller parts."
 )
+# Failures of the provider itself, as opposed to a request it refused.
+PROVIDER_FAILURES = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
 INTERRUPTED_TOOL_RESULT = "Error: this tool call was interrupted before it finished and did not run."
 
 
@@ -111,19 +117,58 @@ def context_window(messages: Sequence[AnyMessage], limit: int) -> list[AnyMessag
     return repaired
 
 
+def answer_malformed_tool_calls(state: AgentState) -> dict[str, list[ToolMessage]]:
+    """The model asked for tools with arguments that are not valid JSON: tell it so,
+    as tool results, and let it try again. Valid calls in the same message are not
+    run, so that the model sees one consistent outcome."""
+    last = state["messages"][-1]
+    assert isinstance(last, AIMessage)
+    results = [
+        ToolMessage(
+            f"Error: the arguments of {call.get('name')!r} were not valid JSON ({call.get('error')}); "
+            "call the tool again with a JSON object.",
+            tool_call_id=str(call.get("id")),
+            status="error",
+        )
+        for call in last.invalid_tool_calls
+    ]
+    results += [
+        ToolMessage(
+            "Error: not run, because another call in the same message was malformed; call it again.",
+            tool_call_id=str(call["id"]),
+            status="error",
+        )
+        for call in last.tool_calls
+    ]
+    return {"messages": results}
+
+
 def build_graph(
     model: BaseChatModel,
     checkpointer: BaseCheckpointSaver | None = None,
     *,
     tools: Sequence[BaseTool] = TOOLS,
     context_messages: int = 40,
+    breaker: CircuitBreaker | None = None,
 ) -> CompiledStateGraph:
     bound_model = model.bind_tools(list(tools))
+    breaker = breaker or CircuitBreaker()
 
     async def call_model(state: AgentState, config: RunnableConfig) -> dict[str, list[AIMessage]]:
         prompt = SystemMessage(SYSTEM_PROMPT.format(now=datetime.now(UTC).isoformat(timespec="minutes")))
         window = context_window(state["messages"], context_messages)
-        response = await bound_model.ainvoke([prompt, *window], config)
+        breaker.before_call()
+        started = time.perf_counter()
+        try:
+            response = await bound_model.ainvoke([prompt, *window], config)
+        except PROVIDER_FAILURES as exc:  # what is left after the client's own retries
+            breaker.record_failure()
+            MODEL_CALL_ERRORS.labels(kind=type(exc).__name__).inc()
+            raise
+        finally:
+            BREAKER_OPEN.set(breaker.state == "open")
+        breaker.record_success()
+        MODEL_CALL_DURATION.observe(time.perf_counter() - started)
         assert isinstance(response, AIMessage)
         # The step after a tool call needs one more step for the tool and one for the
         # model: without them, end politely rather than let LangGraph raise.
@@ -131,8 +176,10 @@ def build_graph(
             return {"messages": [AIMessage(STEP_BUDGET_ANSWER, id=response.id)]}
         return {"messages": [response]}
 
-    def route_model_output(state: AgentState) -> Literal["tools", "__end__"]:
+    def route_model_output(state: AgentState) -> Literal["tools", "answer_malformed_tool_calls", "__end__"]:
         last = state["messages"][-1]
+        if isinstance(last, AIMessage) and last.invalid_tool_calls:
+            return "answer_malformed_tool_calls"
         if isinstance(last, AIMessage) and last.tool_calls:
             return "tools"
         return "__end__"
@@ -140,7 +187,9 @@ def build_graph(
     builder = StateGraph(AgentState)
     builder.add_node("call_model", call_model)
     builder.add_node("tools", ToolNode(list(tools)))
+    builder.add_node("answer_malformed_tool_calls", answer_malformed_tool_calls)
     builder.add_edge(START, "call_model")
     builder.add_conditional_edges("call_model", route_model_output)
     builder.add_edge("tools", "call_model")
+    builder.add_edge("answer_malformed_tool_calls", "call_model")
     return builder.compile(checkpointer=checkpointer, name="agent")

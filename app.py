@@ -12,21 +12,23 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
-from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from langserve import add_routes
 from langserve.server import EndpointName
 
 from agent import TOOLS, build_graph, refund_tool
 from agentserve.admission import admit_run, admit_stream
 from agentserve.auth import JwtVerifier, KeyRing, authenticate
+from agentserve.breaker import CircuitBreaker
 from agentserve.errors import install_error_handlers
 from agentserve.leases import LeasePolicy, ThreadLeases
 from agentserve.logs import configure_logging
-from agentserve.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from agentserve.metrics import POOL_CONNECTIONS
+from agentserve.metrics import render as render_metrics
+from agentserve.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
 from agentserve.model import build_chat_model
 from agentserve.offline_model import serve_offline_model
-from agentserve.persistence import create_pool, database_url, setup_schema
+from agentserve.persistence import TimedPostgresSaver, create_pool, database_url, setup_schema
 from agentserve.playground import PATH as PLAYGROUND_PATH
 from agentserve.playground import PlaygroundChat, admit_playground_turn, scope_config_to_session
 from agentserve.refunds import RefundLedger
@@ -103,11 +105,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
                 log.warning("no OPENAI_API_KEY: answering with the offline model simulator at %s", offline_url)
             model = build_chat_model(config, offline_url)
-            saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
+            saver = TimedPostgresSaver(pool)  # type: ignore[arg-type]
             agent.max_steps, agent.context_messages = config.MAX_STEPS, config.CONTEXT_MESSAGES
             agent.transcript, agent.pool = Transcript(pool), pool
             tools = [*TOOLS, refund_tool(RefundLedger(pool))]
-            agent.graph = build_graph(model, saver, tools=tools, context_messages=config.CONTEXT_MESSAGES)
+            breaker = CircuitBreaker(config.MODEL_BREAKER_THRESHOLD, config.MODEL_BREAKER_COOLDOWN_S)
+            agent.graph = build_graph(
+                model, saver, tools=tools, context_messages=config.CONTEXT_MESSAGES, breaker=breaker
+            )
+            agent.run_timeout_s = config.RUN_TIMEOUT_S
             app.state.agent, app.state.saver, app.state.model_name = agent, saver, model.model_name
             app.state.leases = ThreadLeases(pool, lease_policy(config))
             sweeper = asyncio.create_task(sweep_forever(pool, retention_policy(config)))
@@ -132,6 +138,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "model": request.app.state.model_name,
             "offline_model": config.offline_model,
         }
+
+    @app.get("/metrics", tags=["operations"], dependencies=[Depends(authenticate)], include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics of all workers; scrape with the API key as a bearer token."""
+        stats = request.app.state.pool.get_stats()
+        POOL_CONNECTIONS.labels(state="open").set(stats.get("pool_size", 0))
+        POOL_CONNECTIONS.labels(state="idle").set(stats.get("pool_available", 0))
+        POOL_CONNECTIONS.labels(state="waiting").set(stats.get("requests_waiting", 0))
+        body, content_type = render_metrics()
+        return Response(body, media_type=content_type)
 
     @app.get("/ready", tags=["operations"], response_model=None)
     async def ready(request: Request) -> dict[str, str] | JSONResponse:
@@ -173,8 +189,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The agent's playground is the chat one, which speaks for the browser's session."""
         return RedirectResponse(f"{PLAYGROUND_PATH}/playground/", status_code=307)
 
-    # Added last so they wrap everything: the id first, then the size bound.
+    # Added last so they wrap everything: the id first, then the log, then the size bound.
     app.add_middleware(BodySizeLimitMiddleware)
+    app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
 

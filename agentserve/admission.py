@@ -9,7 +9,9 @@ are plain 4xx responses (a stream that has begun can only report a 500):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +23,7 @@ from pydantic import ValidationError
 
 from agentserve.leases import TenantAtRunLimit, ThreadBusy
 from agentserve.messages import TurnInput
+from agentserve.metrics import THREAD_WAIT
 from agentserve.ratelimit import RateLimited, count_request
 from agentserve.runs import thread_key_for
 from agentserve.settings import Settings
@@ -169,11 +172,14 @@ async def admitted(request: Request, turns: list[tuple[str, Any]]) -> AsyncItera
     settings: Settings = request.app.state.settings
     tenant: str = request.state.principal.tenant
     thread_ids = [thread_id for thread_id, _ in turns]
+    keys = [thread_key_for(tenant, thread_id) for thread_id in thread_ids]
+    request.state.thread_hash = ",".join(hashlib.sha256(key.encode()).hexdigest()[:12] for key in keys)
     try:
         async with request.app.state.pool.connection() as conn:
             await count_request(conn, tenant, settings.TENANT_REQUESTS_PER_MINUTE)
-        keys = [thread_key_for(tenant, thread_id) for thread_id in thread_ids]
+        waiting = time.perf_counter()
         async with request.app.state.leases.hold(tenant, keys):
+            THREAD_WAIT.observe(time.perf_counter() - waiting)
             async with request.app.state.pool.connection() as conn:
                 pending = await touch_threads(conn, tenant, sorted(set(thread_ids)))
             await refuse_turns_that_do_not_fit(request, tenant, turns, pending)

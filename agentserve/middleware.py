@@ -1,4 +1,5 @@
-"""ASGI middleware: a request id on every request, and a bound on body size.
+"""ASGI middleware: a request id on every request, an access log line, and a bound
+on body size.
 
 Pure ASGI rather than `@app.middleware("http")`: an exception raised there turns
 into a 500 whatever its status, and it buffers streaming responses."""
@@ -6,9 +7,15 @@ into a 500 whatever its status, and it buffers streaming responses."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agentserve.metrics import HTTP_DURATION, HTTP_REQUESTS
+
+access_log = logging.getLogger("agentserve.access")
 
 
 async def send_json_error(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
@@ -42,6 +49,53 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class AccessLogMiddleware:
+    """One JSON log line and the request metrics per request. Never message content
+    or keys: the thread appears only as a hash of its stored identity."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_tracking_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = dict(message.get("headers", []))
+                if headers.get(b"content-type", b"").startswith(b"text/event-stream"):
+                    # Proxies such as nginx would otherwise buffer the stream.
+                    message["headers"] = [*message.get("headers", []), (b"x-accel-buffering", b"no")]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking_status)
+        finally:
+            duration = time.perf_counter() - started
+            state = scope.get("state", {})
+            route = getattr(scope.get("route"), "path", "unmatched")
+            HTTP_REQUESTS.labels(route=route, method=scope["method"], status=str(status)).inc()
+            HTTP_DURATION.labels(route=route).observe(duration)
+            principal = state.get("principal")
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": state.get("request_id"),
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 1),
+                    "tenant": getattr(principal, "tenant", None),
+                    "thread_hash": state.get("thread_hash"),
+                },
+            )
 
 
 class BodySizeLimitMiddleware:

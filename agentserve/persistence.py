@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata, CheckpointTuple
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from agentserve.metrics import CHECKPOINT_DURATION
 from agentserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,30 @@ SCHEMA = [
         UNIQUE (thread_key, message_id)
     )""",
 ]
+
+
+class TimedPostgresSaver(AsyncPostgresSaver):
+    """The Postgres checkpointer, with the latency of each read and write recorded."""
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        with CHECKPOINT_DURATION.labels(operation="read").time():
+            return await super().aget_tuple(config)
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        with CHECKPOINT_DURATION.labels(operation="write").time():
+            return await super().aput(config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(
+        self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
+    ) -> None:
+        with CHECKPOINT_DURATION.labels(operation="write_pending").time():
+            await super().aput_writes(config, writes, task_id, task_path)
 
 
 def start_embedded_database(data_dir: Path) -> str:

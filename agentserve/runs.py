@@ -8,6 +8,7 @@ returns what this turn added rather than the whole history.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentserve.messages import TurnInput
+from agentserve.metrics import RUNS_IN_FLIGHT, TURN_DURATION
 from agentserve.transcript import Transcript, archivable_prefix
 
 SET_PENDING = "UPDATE agent_threads SET pending = %s WHERE thread_key = %s"
@@ -41,6 +43,10 @@ class TurnOutput(BaseModel):
     messages: list[AnyMessage] = Field(
         description="The messages this turn added: tool calls, tool results, the answer."
     )
+
+
+class RunTimedOut(TimeoutError):
+    """The run went past the server's wall-clock limit and was stopped."""
 
 
 def thread_key_for(tenant: str, thread_id: str) -> str:
@@ -61,7 +67,8 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
 
     name = "agent"
 
-    def __init__(self, *, max_steps: int = 12, context_messages: int = 40) -> None:
+    def __init__(self, *, max_steps: int = 12, context_messages: int = 40, run_timeout_s: float = 120.0) -> None:
+        self.run_timeout_s = run_timeout_s
         self.graph: CompiledStateGraph | None = None
         self.transcript: Transcript | None = None
         self.pool: AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
@@ -171,21 +178,41 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
         graph_input: Any = Command(resume=resume) if resume is not None else {"messages": turn["messages"]}
         state: dict[str, Any] = {}
         interrupted: list[dict[str, Any]] = []
-        async for mode, data in self.graph.astream(graph_input, graph_config, stream_mode=["updates", "values"]):
-            assert isinstance(data, dict)
-            if mode == "values":
-                state = data
-                continue
-            for node, value in data.items():
-                if node == "__interrupt__":
-                    interrupted = [{"id": i.id, "value": i.value} for i in value]
-                    yield {"__interrupt__": interrupted}
-                elif isinstance(value, dict) and value.get("messages"):
-                    yield {"messages": list(value["messages"])}
+        started, outcome = time.perf_counter(), "error"
+        RUNS_IN_FLIGHT.inc()
+        try:
+            async with asyncio.timeout(self.run_timeout_s):
+                async for chunk in self._stream_graph(graph_input, graph_config, state, interrupted):
+                    yield chunk
+            outcome = "interrupted" if interrupted else "ok"
+        except TimeoutError as exc:
+            raise RunTimedOut(f"the run took longer than {self.run_timeout_s:g}s and was stopped") from exc
+        finally:
+            RUNS_IN_FLIGHT.dec()
+            TURN_DURATION.labels(outcome=outcome).observe(time.perf_counter() - started)
         if interrupted or resume is not None:
             await self._record_pending(thread_key, interrupted or None)
         if not interrupted:
             await self._compact(graph_config["configurable"], state.get("messages", []))
+
+    async def _stream_graph(
+        self, graph_input: Any, graph_config: RunnableConfig, state: dict[str, Any], interrupted: list[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """This turn's new messages as they come; fills `state` with the final values
+        and `interrupted` with any pause."""
+        assert self.graph is not None
+        async for mode, data in self.graph.astream(graph_input, graph_config, stream_mode=["updates", "values"]):
+            assert isinstance(data, dict)
+            if mode == "values":
+                state.clear()
+                state.update(data)
+                continue
+            for node, value in data.items():
+                if node == "__interrupt__":
+                    interrupted[:] = [{"id": i.id, "value": i.value} for i in value]
+                    yield {"__interrupt__": list(interrupted)}
+                elif isinstance(value, dict) and value.get("messages"):
+                    yield {"messages": list(value["messages"])}
 
     async def _record_pending(self, thread_key: str, pending: list[dict[str, Any]] | None) -> None:
         """Mirror the thread's pending action into its registry row, so admission can

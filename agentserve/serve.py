@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import uvicorn
 
@@ -36,6 +38,14 @@ def banner(host: str, port: int) -> str:
     )
 
 
+def prepare_metrics_directory(path: Path) -> None:
+    """Workers write their metrics here so /metrics can add them up; samples of a
+    previous run would be counted again, so start empty."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path.resolve())
+
+
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.LOG_LEVEL)
@@ -45,6 +55,7 @@ def main() -> None:
         os.environ["DATABASE_URL"] = url
         log.warning("no DATABASE_URL: using the embedded PostgreSQL in %s", settings.DATA_DIR / "postgres")
     asyncio.run(setup_schema(url, settings))
+    prepare_metrics_directory(settings.DATA_DIR / "metrics")
     log.info(
         "starting %d workers on http://%s:%d (model: %s)",
         settings.WEB_CONCURRENCY,

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     # Each model call and each tool call is one step; the guard answers politely
     # when the budget runs out instead of letting LangGraph raise.
     MAX_STEPS: int = Field(default=12, ge=3, le=200)
+    # Wall-clock bound on one run (model calls, tools and checkpoints together).
+    RUN_TIMEOUT_S: float = Field(default=120.0, gt=0)
+    # After this many model calls fail in a row, answer 503 at once for a while.
+    MODEL_BREAKER_THRESHOLD: int = Field(default=5, ge=1)
+    MODEL_BREAKER_COOLDOWN_S: float = Field(default=15.0, gt=0)
     # How many recent messages the model sees; the whole transcript stays stored.
     CONTEXT_MESSAGES: int = Field(default=40, ge=4)
 

