@@ -69,10 +69,6 @@ class AccessLogMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = dict(message.get("headers", []))
-                if headers.get(b"content-type", b"").startswith(b"text/event-stream"):
-                    # Proxies such as nginx would otherwise buffer the stream.
-                    message["headers"] = [*message.get("headers", []), (b"x-accel-buffering", b"no")]
             await send(message)
 
         try:

@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     OPENAI_BASE_URL: str = ""
     OPENAI_MODEL: str = "gpt-4o-mini"
     OPENAI_TIMEOUT_S: float = Field(default=60.0, gt=0)
-    OPENAI_MAX_RETRIES: int = Field(default=2, ge=0)
+    # The client retries 429, 5xx and connection errors with exponential backoff and jitter.
+    OPENAI_MAX_RETRIES: int = Field(default=3, ge=0)
     OFFLINE_MODEL_LATENCY_MS: float = Field(default=0.0, ge=0)
     OFFLINE_MODEL_FAILURE_RATE: float = Field(default=0.0, ge=0, le=1)
 
