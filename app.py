@@ -28,7 +28,7 @@ from agentserve.metrics import render as render_metrics
 from agentserve.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
 from agentserve.model import build_chat_model
 from agentserve.offline_model import serve_offline_model
-from agentserve.persistence import TimedPostgresSaver, create_pool, database_url, setup_schema
+from agentserve.persistence import PooledPostgresSaver, create_pool, database_url, setup_schema
 from agentserve.playground import PATH as PLAYGROUND_PATH
 from agentserve.playground import PlaygroundChat, admit_playground_turn, scope_config_to_session
 from agentserve.refunds import RefundLedger
@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
                 log.warning("no OPENAI_API_KEY: answering with the offline model simulator at %s", offline_url)
             model = build_chat_model(config, offline_url)
-            saver = TimedPostgresSaver(pool)  # type: ignore[arg-type]
+            saver = PooledPostgresSaver(pool)  # type: ignore[arg-type]
             agent.max_steps, agent.context_messages = config.MAX_STEPS, config.CONTEXT_MESSAGES
             agent.transcript, agent.pool = Transcript(pool), pool
             tools = [*TOOLS, refund_tool(RefundLedger(pool))]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata, CheckpointTuple
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -66,8 +67,28 @@ SCHEMA = [
 ]
 
 
-class TimedPostgresSaver(AsyncPostgresSaver):
-    """The Postgres checkpointer, with the latency of each read and write recorded."""
+class PooledPostgresSaver(AsyncPostgresSaver):
+    """The Postgres checkpointer over a pool, without the base class's per-instance
+    lock, and with the latency of each read and write recorded.
+
+    The base class runs every database call of an instance one at a time behind one
+    asyncio.Lock, which a single shared connection needs; over a pool each call has
+    a connection of its own, and the lock only makes concurrent turns of a worker
+    queue behind each other."""
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[AsyncCursor[DictRow]]:
+        assert isinstance(self.conn, AsyncConnectionPool), "PooledPostgresSaver needs a connection pool"
+        async with self.conn.connection() as conn:
+            if pipeline and self.supports_pipeline:
+                async with conn.pipeline(), conn.cursor(binary=True, row_factory=dict_row) as cur:
+                    yield cur
+            elif pipeline:
+                async with conn.transaction(), conn.cursor(binary=True, row_factory=dict_row) as cur:
+                    yield cur
+            else:
+                async with conn.cursor(binary=True, row_factory=dict_row) as cur:
+                    yield cur
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         with CHECKPOINT_DURATION.labels(operation="read").time():
