@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # Any constant will do; it only has to be the same in every process.
 SCHEMA_LOCK_ID = 7_440_021
+TRY_LOCK = "SELECT pg_try_advisory_lock(%s) AS locked"
 
 # Our own tables beside the checkpointer's. Idempotent, run under SCHEMA_LOCK_ID.
 SCHEMA = [
@@ -155,12 +157,21 @@ def create_pool(url: str, settings: Settings) -> AsyncConnectionPool[AsyncConnec
     )
 
 
-async def setup_schema(url: str, settings: Settings) -> None:
+async def _try_schema_lock(conn: AsyncConnection[Any]) -> bool:
+    row = await (await conn.execute(TRY_LOCK, (SCHEMA_LOCK_ID,))).fetchone()
+    return bool(row and row["locked"])
+
+
+async def setup_schema(url: str, settings: Settings, wait_s: float = 120.0) -> None:
     """Create the checkpointer's tables and ours. The checkpointer's own migrations
-    take no lock, so concurrent starters would race: hold an advisory lock."""
+    take no lock, so concurrent starters would race: one at a time holds an advisory
+    lock. The others poll for it rather than block on it, since a blocked waiter
+    holds a transaction open and CREATE INDEX CONCURRENTLY would wait for it."""
     kwargs = connection_kwargs(settings)
     async with await AsyncConnection.connect(url, **kwargs) as conn:  # type: ignore[arg-type]
-        await conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK_ID,))
+        async with asyncio.timeout(wait_s):
+            while not await _try_schema_lock(conn):
+                await asyncio.sleep(0.2)
         try:
             await AsyncPostgresSaver(conn).setup()  # type: ignore[arg-type]
             for statement in SCHEMA:

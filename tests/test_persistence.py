@@ -34,6 +34,7 @@ async def test_concurrent_schema_setup_does_not_race(fresh_database: str) -> Non
 
 
 async def test_checkpoint_calls_of_one_worker_do_not_queue_behind_each_other(database_url: str) -> None:
+    await setup_schema(database_url, SETTINGS)
     pool = create_pool(database_url, SETTINGS)
     await pool.open(wait=True)
     try:
