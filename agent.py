@@ -31,6 +31,7 @@ from agentserve.breaker import CircuitBreaker
 from agentserve.calculator import CalculatorError, evaluate, format_number
 from agentserve.metrics import BREAKER_OPEN, MODEL_CALL_DURATION, MODEL_CALL_ERRORS
 from agentserve.refunds import RefundLedger
+from agentserve.tracing import tracer
 
 SYSTEM_PROMPT = (
     "You are a helpful customer-support assistant. Use the calculator for any "
@@ -160,7 +161,8 @@ def build_graph(
         breaker.before_call()
         started = time.perf_counter()
         try:
-            response = await bound_model.ainvoke([prompt, *window], config)
+            with tracer.start_as_current_span("model call", attributes={"agent.context_messages": len(window)}):
+                response = await bound_model.ainvoke([prompt, *window], config)
         except PROVIDER_FAILURES as exc:  # what is left after the client's own retries
             breaker.record_failure()
             MODEL_CALL_ERRORS.labels(kind=type(exc).__name__).inc()

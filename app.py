@@ -38,6 +38,7 @@ from agentserve.sessions import SessionSigner
 from agentserve.settings import Settings, get_settings
 from agentserve.signin import router as signin_router
 from agentserve.threads import router as threads_router
+from agentserve.tracing import TracingMiddleware, configure_tracing
 from agentserve.transcript import Transcript
 
 log = logging.getLogger("agentserve")
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config = settings or get_settings()
         configure_logging(config.LOG_LEVEL)
+        tracing = configure_tracing()
         app.state.settings = config
         app.state.keyring = KeyRing.from_settings(config)
         app.state.jwt = JwtVerifier.from_settings(config)
@@ -120,6 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stack.callback(sweeper.cancel)
             log.info("serving", extra={"path": "/agent"})
             yield
+        if tracing is not None:
+            tracing.shutdown()  # flushes the spans still queued
 
     app = FastAPI(
         title="Agent",
@@ -192,6 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last so they wrap everything: the id first, then the log, then the size bound.
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
 

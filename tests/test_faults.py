@@ -3,6 +3,7 @@ database going away and coming back, shutdown, disconnects, unreachable tracing.
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
 import subprocess
@@ -221,3 +222,34 @@ def test_metrics_add_up_all_workers_and_logs_hold_no_content(database_url: str, 
         assert "secret words" not in server.log() and TEST_KEY not in server.log()
     finally:
         server.stop()
+
+
+def test_opentelemetry_spans_reach_an_otlp_collector(database_url: str, workdir: Path) -> None:
+    received: list[bytes] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the handler API's name
+            received.append(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+    server = ServerProcess(database_url, workdir, **env).start()
+    try:
+        with server.client() as client:
+            assert "96" in answer_of(client.post("/agent/invoke", json=turn_body("What is 12 * 8?", "otel-1")))
+        deadline = time.monotonic() + 10
+        while not any(b"/agent/invoke" in body and b"model call" in body for body in received):
+            assert time.monotonic() < deadline, "no spans arrived"
+            time.sleep(0.2)
+    finally:
+        server.stop()
+        collector.shutdown()
