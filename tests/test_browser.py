@@ -59,13 +59,14 @@ def test_sign_in_chat_reload_and_be_remembered(server: ServerProcess, browser: o
     page.fill("#api_key", TEST_KEY)
     page.click("button[type=submit]")
     page.wait_for_url("**/agent/chat/playground/")
+    page.wait_for_load_state("networkidle")  # the page reads its schemas before it can send
 
     ask(page, "What is 12 * 8?", "The answer is 96.")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "playground-chat.png"))
 
     page.reload()
-    page.get_by_placeholder("Send a message...").wait_for()
+    page.wait_for_load_state("networkidle")
     ask(page, "what did I ask before?", 'Earlier you said: "What is 12 * 8?"')
     page.screenshot(path=str(ARTIFACTS / "playground-after-reload.png"))
     page.close()
