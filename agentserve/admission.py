@@ -175,8 +175,9 @@ async def admitted(request: Request, turns: list[tuple[str, Any]]) -> AsyncItera
     keys = [thread_key_for(tenant, thread_id) for thread_id in thread_ids]
     request.state.thread_hash = ",".join(hashlib.sha256(key.encode()).hexdigest()[:12] for key in keys)
     try:
-        async with request.app.state.pool.connection() as conn:
-            await count_request(conn, tenant, settings.TENANT_REQUESTS_PER_MINUTE)
+        if settings.TENANT_REQUESTS_PER_MINUTE:
+            async with request.app.state.pool.connection() as conn:
+                await count_request(conn, tenant, settings.TENANT_REQUESTS_PER_MINUTE)
         waiting = time.perf_counter()
         async with request.app.state.leases.hold(tenant, keys):
             THREAD_WAIT.observe(time.perf_counter() - waiting)

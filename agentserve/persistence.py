@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,15 +142,35 @@ def connection_kwargs(settings: Settings) -> dict[str, object]:
     }
 
 
+class IdleConnectionCheck:
+    """Checks a connection before lending it only if it sat idle for a while: a
+    proxy may have dropped it meanwhile, while one returned a moment ago is alive.
+    Checking every loan would add a round trip to every checkpoint read and write."""
+
+    def __init__(self, after_idle_s: float) -> None:
+        self.after_idle_s = after_idle_s
+        self.returned_at: weakref.WeakKeyDictionary[AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
+
+    async def check(self, conn: AsyncConnection[Any]) -> None:
+        if time.monotonic() - self.returned_at.get(conn, 0.0) > self.after_idle_s:
+            await AsyncConnectionPool.check_connection(conn)
+
+    async def mark_returned(self, conn: AsyncConnection[Any]) -> None:
+        self.returned_at[conn] = time.monotonic()
+
+
 def create_pool(url: str, settings: Settings) -> AsyncConnectionPool[AsyncConnection[DictRow]]:
-    """A pool that checks connections before lending them and retires idle and old
-    ones, so proxies that silently drop idle connections do not surface as errors."""
+    """A pool that checks connections that sat idle before lending them and retires
+    idle and old ones, so proxies that silently drop idle connections do not surface
+    as errors."""
+    idle_check = IdleConnectionCheck(after_idle_s=settings.DB_CHECK_AFTER_IDLE_S)
     return AsyncConnectionPool(
         url,
         min_size=settings.DB_POOL_MIN_SIZE,
         max_size=settings.DB_POOL_MAX_SIZE,
         kwargs=connection_kwargs(settings),
-        check=AsyncConnectionPool.check_connection,
+        check=idle_check.check,
+        reset=idle_check.mark_returned,
         max_idle=settings.DB_MAX_IDLE_S,
         max_lifetime=settings.DB_MAX_LIFETIME_S,
         timeout=settings.DB_CONNECT_TIMEOUT_S,

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     DB_POOL_MAX_SIZE: int = Field(default=10, ge=1)
     DB_CONNECT_TIMEOUT_S: float = Field(default=5.0, gt=0)
     DB_MAX_IDLE_S: float = Field(default=300.0, gt=0)
+    # A connection idle longer than this is checked with a round trip before use.
+    DB_CHECK_AFTER_IDLE_S: float = Field(default=2.0, ge=0)
     DB_MAX_LIFETIME_S: float = Field(default=1800.0, gt=0)
     # PgBouncer/Supabase transaction poolers cannot keep prepared statements.
     DB_PREPARE_THRESHOLD: int | None = 5
