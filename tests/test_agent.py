@@ -105,3 +105,21 @@ def test_context_window_answers_a_tool_call_left_without_result() -> None:
     assert window[2].content == INTERRUPTED_TOOL_RESULT
     assert window[2].tool_call_id == "call-1"
     assert window[3] == history[2]
+
+
+async def test_malformed_and_unknown_tool_calls_go_back_to_the_model_as_errors() -> None:
+    bad_json = AIMessage(
+        "",
+        invalid_tool_calls=[
+            {"name": "calculator", "args": "{12 *", "id": "bad-1", "error": "not JSON", "type": "invalid_tool_call"}
+        ],
+    )
+    unknown = AIMessage("", tool_calls=[{"name": "launch_rockets", "args": {}, "id": "bad-2"}])
+    model = ScriptedModel(script=[bad_json, unknown, AIMessage("Sorry.")], seen=[])
+    graph = build_graph(model, InMemorySaver())
+    result = await graph.ainvoke({"messages": [HumanMessage("do it")]}, config("t"))
+    errors = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert [m.tool_call_id for m in errors] == ["bad-1", "bad-2"]
+    assert "not valid JSON" in str(errors[0].content)
+    assert "launch_rockets" in str(errors[1].content) and errors[1].status == "error"
+    assert result["messages"][-1].content == "Sorry."

@@ -219,3 +219,17 @@ def test_every_response_carries_a_request_id(client: TestClient) -> None:
     response = client.get("/health", headers={"X-Request-ID": "abc123"})
     assert response.headers["x-request-id"] == "abc123"
     assert len(client.get("/health").headers["x-request-id"]) == 32
+
+
+def test_a_run_over_the_time_limit_is_a_504_and_the_server_stays_healthy(database_url: str) -> None:
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        DATABASE_URL=database_url,
+        AGENT_API_KEY=TEST_KEY,
+        OFFLINE_MODEL_LATENCY_MS=800,
+        RUN_TIMEOUT_S=0.3,
+    )
+    with TestClient(create_app(settings), headers={"X-API-Key": TEST_KEY}) as slow:
+        response = slow.post("/agent/invoke", json=turn_body("hello", "too-slow"))
+        assert response.status_code == 504 and "0.3s" in response.json()["detail"]
+        assert slow.get("/health").status_code == 200
