@@ -3,6 +3,7 @@ else an embedded one), with a fresh database so tests never touch anyone's data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -27,11 +28,20 @@ def postgres_server_url() -> Iterator[str]:
     yield str(server.get_uri())
 
 
+@contextlib.contextmanager
+def scratch_database(server_url: str, prefix: str = "agent_test") -> Iterator[str]:
+    """A new, empty database on the server, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    try:
+        yield make_conninfo(server_url, dbname=name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def database_url(postgres_server_url: str) -> Iterator[str]:
-    name = f"agent_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-    yield make_conninfo(postgres_server_url, dbname=name)
-    with psycopg.connect(postgres_server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+    with scratch_database(postgres_server_url) as url:
+        yield url

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from agentserve.persistence import PooledPostgresSaver, create_pool, setup_schema
 from agentserve.settings import Settings
+from tests.conftest import scratch_database
 
 SETTINGS = Settings(_env_file=None)  # type: ignore[call-arg]
 
 
 @pytest.fixture()
-async def fresh_database(postgres_server_url: str) -> AsyncIterator[str]:
-    name = f"agent_schema_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-    yield make_conninfo(postgres_server_url, dbname=name)
-    with psycopg.connect(postgres_server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+def fresh_database(postgres_server_url: str) -> Iterator[str]:
+    with scratch_database(postgres_server_url, prefix="agent_schema") as url:
+        yield url
 
 
 async def test_concurrent_schema_setup_does_not_race(fresh_database: str) -> None:
