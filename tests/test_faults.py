@@ -173,9 +173,10 @@ def test_a_client_that_leaves_a_stream_cancels_its_run(database_url: str, workdi
         time.sleep(3)
         with server.client() as client:
             messages = client.get("/threads/leaver/state").json()["messages"]
-        # Cancelled: had the run gone on, the tool result and the answer would be stored.
-        assert [m["type"] for m in messages] == ["human", "ai"]
-        assert messages[1]["tool_calls"]
+        # Cancelled: had the run gone on, its answer (a second after the tool call) would be stored.
+        types = [m["type"] for m in messages]
+        assert types in (["human", "ai"], ["human", "ai", "tool"]), types
+        assert messages[1]["tool_calls"] and "The answer is 96." not in str(messages)
     finally:
         server.stop()
 
