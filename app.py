@@ -38,7 +38,7 @@ from agentserve.sessions import SessionSigner
 from agentserve.settings import Settings, get_settings
 from agentserve.signin import router as signin_router
 from agentserve.threads import router as threads_router
-from agentserve.tracing import TracingMiddleware, configure_tracing
+from agentserve.tracing import configure_tracing
 from agentserve.transcript import Transcript
 
 log = logging.getLogger("agentserve")
@@ -196,7 +196,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last so they wrap everything: the id first, then the log, then the size bound.
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(AccessLogMiddleware)
-    app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
 

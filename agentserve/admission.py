@@ -199,10 +199,10 @@ async def admitted(request: Request, turns: list[tuple[str, Any]]) -> AsyncItera
         ) from exc
     except ThreadBusy as exc:
         thread_id = exc.thread_key.split("/", 1)[1]
-        waited = f"after waiting {settings.BUSY_THREAD_WAIT_S:g}s " if settings.BUSY_THREAD_POLICY == "enqueue" else ""
+        waited = f" (waited {settings.BUSY_THREAD_WAIT_S:g}s)" if settings.BUSY_THREAD_POLICY == "enqueue" else ""
         raise HTTPException(
             409,
-            f"thread {thread_id!r} is still running another turn {waited}; retry when it has finished",
+            f"thread {thread_id!r} is still running another turn{waited}; retry when it has finished",
             headers={"Retry-After": str(exc.retry_after_s)},
         ) from exc
     except (psycopg.OperationalError, PoolTimeout) as exc:

@@ -1,5 +1,5 @@
-"""ASGI middleware: a request id on every request, an access log line, and a bound
-on body size.
+"""ASGI middleware: a request id on every request, its log line, metrics and span,
+and a bound on body size.
 
 Pure ASGI rather than `@app.middleware("http")`: an exception raised there turns
 into a 500 whatever its status, and it buffers streaming responses."""
@@ -11,9 +11,12 @@ import logging
 import time
 import uuid
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentserve.metrics import HTTP_DURATION, HTTP_REQUESTS
+from agentserve.tracing import record_span, tracer
 
 access_log = logging.getLogger("agentserve.access")
 
@@ -52,8 +55,9 @@ class RequestIdMiddleware:
 
 
 class AccessLogMiddleware:
-    """One JSON log line and the request metrics per request. Never message content
-    or keys: the thread appears only as a hash of its stored identity."""
+    """Per request: one JSON log line, the request metrics and a tracing span (a
+    no-op unless OpenTelemetry is configured). Never message content or keys: the
+    thread appears only as a hash of its stored identity."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -64,6 +68,7 @@ class AccessLogMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        span = tracer.start_span(f"{scope['method']} {scope['path']}", kind=SpanKind.SERVER)
 
         async def send_tracking_status(message: Message) -> None:
             nonlocal status
@@ -72,11 +77,13 @@ class AccessLogMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_tracking_status)
+            with trace.use_span(span, end_on_exit=True):
+                await self.app(scope, receive, send_tracking_status)
         finally:
             duration = time.perf_counter() - started
             state = scope.get("state", {})
             route = getattr(scope.get("route"), "path", "unmatched")
+            record_span(span, scope["method"], route, status, str(state.get("request_id", "")))
             HTTP_REQUESTS.labels(route=route, method=scope["method"], status=str(status)).inc()
             HTTP_DURATION.labels(route=route).observe(duration)
             principal = state.get("principal")

@@ -55,6 +55,11 @@ def thread_key_for(tenant: str, thread_id: str) -> str:
     return f"{tenant}/{thread_id}"
 
 
+def interrupts_of(interrupts: Any) -> list[dict[str, Any]]:
+    """LangGraph's interrupts as the JSON the caller sees."""
+    return [{"id": i.id, "value": i.value} for i in interrupts]
+
+
 def _single(value: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     async def one() -> AsyncIterator[dict[str, Any]]:
         yield value
@@ -105,7 +110,7 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
         # A crash between archiving and trimming leaves a message in both places.
         archived_ids = {m.id for m in archived}
         messages = archived + [m for m in recent if m.id not in archived_ids]
-        return messages, [{"id": i.id, "value": i.value} for i in snapshot.interrupts]
+        return messages, interrupts_of(snapshot.interrupts)
 
     async def abatch(
         self,
@@ -209,7 +214,7 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
                 continue
             for node, value in data.items():
                 if node == "__interrupt__":
-                    interrupted[:] = [{"id": i.id, "value": i.value} for i in value]
+                    interrupted[:] = interrupts_of(value)
                     yield {"__interrupt__": list(interrupted)}
                 elif isinstance(value, dict) and value.get("messages"):
                     yield {"messages": list(value["messages"])}
@@ -226,7 +231,7 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
         if self.graph is None:
             raise RuntimeError("the agent graph is not attached yet")
         snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_key}})
-        return [{"id": i.id, "value": i.value} for i in snapshot.interrupts]
+        return interrupts_of(snapshot.interrupts)
 
     async def _compact(self, configurable: dict[str, Any], messages: list[AnyMessage]) -> None:
         """Move old messages from the state to the transcript once the state holds

@@ -6,14 +6,12 @@ own LANGSMITH_* variables switch it on, and it sends from a background thread.)"
 from __future__ import annotations
 
 import os
-import time
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from opentelemetry.trace import Span, Status, StatusCode
 
 tracer = trace.get_tracer("agentserve")
 
@@ -30,33 +28,12 @@ def configure_tracing(service_name: str = "agent") -> TracerProvider | None:
     return provider
 
 
-class TracingMiddleware:
-    """A server span per HTTP request, named by its route, never by its content."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        with tracer.start_as_current_span(f"{scope['method']} {scope['path']}", kind=SpanKind.SERVER) as span:
-            started = time.perf_counter()
-
-            async def send_recording_status(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    span.set_attribute("http.response.status_code", message["status"])
-                    if message["status"] >= 500:
-                        span.set_status(Status(StatusCode.ERROR))
-                await send(message)
-
-            try:
-                await self.app(scope, receive, send_recording_status)
-            finally:
-                route = getattr(scope.get("route"), "path", None)
-                if route:
-                    span.update_name(f"{scope['method']} {route}")
-                    span.set_attribute("http.route", route)
-                span.set_attribute("http.request.method", scope["method"])
-                span.set_attribute("agent.request_id", str(scope.get("state", {}).get("request_id", "")))
-                span.set_attribute("agent.duration_ms", round((time.perf_counter() - started) * 1000, 1))
+def record_span(span: Span, method: str, route: str, status: int, request_id: str) -> None:
+    """Names a request's span by its route, never by its content."""
+    span.update_name(f"{method} {route}")
+    span.set_attribute("http.request.method", method)
+    span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    span.set_attribute("agent.request_id", request_id)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))

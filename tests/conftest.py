@@ -45,3 +45,9 @@ def scratch_database(server_url: str, prefix: str = "agent_test") -> Iterator[st
 def database_url(postgres_server_url: str) -> Iterator[str]:
     with scratch_database(postgres_server_url) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def workdir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch directory per test module, where server processes start and log."""
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])

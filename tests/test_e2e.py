@@ -18,11 +18,6 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("e2e")
-
-
-@pytest.fixture(scope="module")
 def server(database_url: str, workdir: Path) -> Iterator[ServerProcess]:
     process = ServerProcess(database_url, workdir).start()
     yield process

@@ -20,11 +20,6 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("e2e-threads")
-
-
-@pytest.fixture(scope="module")
 def slow_server(database_url: str, workdir: Path) -> Iterator[ServerProcess]:
     process = ServerProcess(
         database_url, workdir, OFFLINE_MODEL_LATENCY_MS="150", BUSY_THREAD_WAIT_S="1.5", THREAD_LEASE_TTL_S="3"

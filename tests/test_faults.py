@@ -22,11 +22,6 @@ from tests.support import ROOT, TEST_KEY, ServerProcess, TcpProxy, answer_of, fr
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("faults")
-
-
 @pytest.fixture()
 def provider() -> Iterator[str]:
     """The offline model as a separate provider process, so a test can make it fail."""
