@@ -47,8 +47,10 @@ PROVIDER_FAILURES = (openai.APIConnectionError, openai.RateLimitError, openai.In
 INTERRUPTED_TOOL_RESULT = "Error: this tool call was interrupted before it finished and did not run."
 
 
+# Coroutines, though their work is quick and synchronous: a sync tool runs in a
+# thread, and each of its callback events there starts an event loop of its own.
 @tool
-def calculator(expression: str) -> str:
+async def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression such as '12 * 8' or '(3 + 4) ** 2'."""
     try:
         return format_number(evaluate(expression))
@@ -57,7 +59,7 @@ def calculator(expression: str) -> str:
 
 
 @tool
-def current_datetime() -> str:
+async def current_datetime() -> str:
     """Return the current date and time in UTC, ISO 8601."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 

@@ -19,7 +19,9 @@ from langserve.server import EndpointName
 from agent import TOOLS, build_graph, refund_tool
 from agentserve.admission import admit_run, admit_stream
 from agentserve.auth import JwtVerifier, KeyRing, authenticate
+from agentserve.balance import WorkerBalanceMiddleware, open_table
 from agentserve.breaker import CircuitBreaker
+from agentserve.collector import settle_garbage_collector
 from agentserve.errors import install_error_handlers
 from agentserve.leases import LeasePolicy, ThreadLeases
 from agentserve.logs import configure_logging
@@ -96,6 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = await asyncio.to_thread(database_url, config)
         await setup_schema(url, config)
         async with AsyncExitStack() as stack:
+            app.state.worker_table = open_table()
+            if app.state.worker_table is not None:
+                stack.callback(app.state.worker_table.close)
             pool = create_pool(url, config)
             await pool.open(wait=True, timeout=config.DB_CONNECT_TIMEOUT_S)
             stack.push_async_callback(pool.close)
@@ -115,11 +120,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             agent.graph = build_graph(
                 model, saver, tools=tools, context_messages=config.CONTEXT_MESSAGES, breaker=breaker
             )
-            agent.run_timeout_s = config.RUN_TIMEOUT_S
+            agent.run_timeout_s, agent.durability = config.RUN_TIMEOUT_S, config.CHECKPOINT_DURABILITY
             app.state.agent, app.state.saver, app.state.model_name = agent, saver, model.model_name
             app.state.leases = ThreadLeases(pool, lease_policy(config))
             sweeper = asyncio.create_task(sweep_forever(pool, retention_policy(config)))
             stack.callback(sweeper.cancel)
+            settle_garbage_collector(config.GC_GEN0_THRESHOLD)
             log.info("serving", extra={"path": "/agent"})
             yield
         if tracing is not None:
@@ -193,10 +199,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The agent's playground is the chat one, which speaks for the browser's session."""
         return RedirectResponse(f"{PLAYGROUND_PATH}/playground/", status_code=307)
 
-    # Added last so they wrap everything: the id first, then the log, then the size bound.
+    # Added last so they wrap everything: the worker balance, the id, the log, then the size bound.
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(WorkerBalanceMiddleware)
     return app
 
 

@@ -130,7 +130,9 @@ def session_principal(request: Request) -> Principal | None:
     return Principal(tenant=session.tenant, session_thread=session.thread_id) if session else None
 
 
-def authenticate(request: Request) -> Principal:
+async def authenticate(request: Request) -> Principal:
+    """A coroutine, though it never waits: FastAPI runs a plain function dependency
+    in a worker thread, a hop that cost more than the check itself."""
     credential = presented_key(request)
     principal = principal_for(request, credential) if credential else session_principal(request)
     if principal is None:

@@ -12,12 +12,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForChainRun
+from langchain_core.callbacks import AsyncCallbackManagerForChainRun, BaseCallbackManager
 from langchain_core.messages import AnyMessage, RemoveMessage
 from langchain_core.runnables import ConfigurableFieldSpec, Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Command
+from langgraph.types import Command, Durability
+from langserve.callbacks import AsyncEventAggregatorCallback
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
@@ -60,6 +61,24 @@ def interrupts_of(interrupts: Any) -> list[dict[str, Any]]:
     return [{"id": i.id, "value": i.value} for i in interrupts]
 
 
+def without_event_recording(config: RunnableConfig | None) -> RunnableConfig:
+    """The config minus LangServe's event aggregator. LangServe attaches one to every
+    invoke, batch and stream run and records each callback event of the run into it,
+    for routes that send the events back (`include_callback_events`). Ours do not,
+    so the recording is thrown away unread (about 15 % of a turn's CPU). Other
+    handlers (stream_events, stream_log, LangSmith) stay."""
+    stripped: RunnableConfig = {**(config or {})}
+    callbacks = stripped.get("callbacks")
+    if isinstance(callbacks, list):
+        stripped["callbacks"] = [c for c in callbacks if not isinstance(c, AsyncEventAggregatorCallback)]
+    elif isinstance(callbacks, BaseCallbackManager):
+        manager = callbacks.copy()
+        for handler in [h for h in manager.handlers if isinstance(h, AsyncEventAggregatorCallback)]:
+            manager.remove_handler(handler)
+        stripped["callbacks"] = manager
+    return stripped
+
+
 def _single(value: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     async def one() -> AsyncIterator[dict[str, Any]]:
         yield value
@@ -72,8 +91,16 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
 
     name = "agent"
 
-    def __init__(self, *, max_steps: int = 12, context_messages: int = 40, run_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_steps: int = 12,
+        context_messages: int = 40,
+        run_timeout_s: float = 120.0,
+        durability: Durability = "exit",
+    ) -> None:
         self.run_timeout_s = run_timeout_s
+        self.durability: Durability = durability
         self.graph: CompiledStateGraph | None = None
         self.transcript: Transcript | None = None
         self.pool: AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
@@ -155,6 +182,7 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
     async def astream(
         self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[dict[str, Any]]:
+        config = without_event_recording(config)
         async for chunk in self._atransform_stream_with_config(_single(input), self._run_turn, config, **kwargs):
             yield chunk
 
@@ -206,7 +234,9 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
         """This turn's new messages as they come; fills `state` with the final values
         and `interrupted` with any pause."""
         assert self.graph is not None
-        async for mode, data in self.graph.astream(graph_input, graph_config, stream_mode=["updates", "values"]):
+        async for mode, data in self.graph.astream(
+            graph_input, graph_config, stream_mode=["updates", "values"], durability=self.durability
+        ):
             assert isinstance(data, dict)
             if mode == "values":
                 state.clear()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
+from agentserve.balance import TABLE_ENV, create_table
 from agentserve.logs import configure_logging
 from agentserve.persistence import database_url, setup_schema
 from agentserve.settings import get_settings
@@ -56,6 +57,10 @@ def main() -> None:
         log.warning("no DATABASE_URL: using the embedded PostgreSQL in %s", settings.DATA_DIR / "postgres")
     asyncio.run(setup_schema(url, settings))
     prepare_metrics_directory(settings.DATA_DIR / "metrics")
+    if settings.WEB_CONCURRENCY > 1:
+        table = settings.DATA_DIR / "workers.table"
+        create_table(table, settings.WEB_CONCURRENCY)
+        os.environ[TABLE_ENV] = str(table.resolve())
     log.info(
         "starting %d workers on http://%s:%d (model: %s)",
         settings.WEB_CONCURRENCY,

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     GRACEFUL_TIMEOUT_S: int = Field(default=120, ge=1)
     MAX_REQUESTS: int = Field(default=0, ge=0)
     MAX_BODY_BYTES: int = Field(default=256 * 1024, ge=1024)
+    # Allocations between young garbage collections (Python's default: 700). A turn
+    # makes thousands of short-lived cycles; collecting them that often cost a few
+    # percent of a worker's CPU and added pauses to every turn in flight.
+    GC_GEN0_THRESHOLD: int = Field(default=50_000, ge=100)
     # Each model call and each tool call is one step; the guard answers politely
     # when the budget runs out instead of letting LangGraph raise.
     MAX_STEPS: int = Field(default=12, ge=3, le=200)
@@ -74,6 +78,12 @@ class Settings(BaseSettings):
     MODEL_BREAKER_COOLDOWN_S: float = Field(default=15.0, gt=0)
     # How many recent messages the model sees; the whole transcript stays stored.
     CONTEXT_MESSAGES: int = Field(default=40, ge=4)
+    # When a run's progress is written. "exit": once, when the run answers, pauses
+    # for approval or fails; a run cut off (worker killed, client gone from a stream)
+    # leaves nothing behind and is simply sent again. It saves most of the per-step
+    # writes' CPU. "sync"/"async": after every step, so a cut-off run leaves its
+    # partial progress, and the next turn repairs a tool call left unanswered.
+    CHECKPOINT_DURABILITY: Literal["exit", "async", "sync"] = "exit"
 
     # Threads: one run at a time each; a turn arriving meanwhile waits ("enqueue", up
     # to BUSY_THREAD_WAIT_S) or is refused at once ("reject"), both ending in 409.

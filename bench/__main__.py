@@ -8,7 +8,8 @@ Sections (`--only`, comma-separated; the first three by default):
             latency, --workers workers; also the same turns in-process.
   overhead  --conversations threads at once, --turns-per-conversation turns each, zero
             model latency, --workers workers; turns/s over HTTP vs in-process (each in
-            its own process, so each has one core to itself).
+            its own process, so each has one core to itself), alternating for
+            --overhead-rounds rounds; the verdict is the median round's ratio.
   capacity  --capacity-workers workers, --model-latency-ms per model call; for each of
             --levels, that many conversations loop turns with no pause for
             --level-seconds after --warmup-seconds; stops at the first failing level.
@@ -40,6 +41,7 @@ import psutil
 
 from bench.common import (
     RESULTS_DIR,
+    Burst,
     Call,
     Database,
     Load,
@@ -188,8 +190,13 @@ def plot_turn_latency(http: list[Sample], inprocess: list[Sample]) -> None:
 
 
 def overhead_section(args: argparse.Namespace, db: Database, report: Report) -> None:
-    n, turns = args.conversations, args.turns_per_conversation
-    progress(f"overhead: {n} conversations x {turns} turns over HTTP, {args.workers} worker(s)")
+    """HTTP and in-process bursts alternate, --overhead-rounds times, so that both
+    see the machine in the same state; the verdict is the median of the rounds' ratios."""
+    n, turns, rounds = args.conversations, args.turns_per_conversation, args.overhead_rounds
+    progress(f"overhead: {rounds} rounds of {n} conversations x {turns} turns, HTTP then in-process")
+    pid_args = ["--postgres-pid", str(db.postgres_pid)] if db.postgres_pid else []
+    http: list[Burst] = []
+    inprocess: list[Burst] = []
     with running_server("overhead", db, workers=args.workers, latency_ms=0, env=args.env) as server:
         assert server.process is not None
         clocks = {
@@ -197,38 +204,49 @@ def overhead_section(args: argparse.Namespace, db: Database, report: Report) -> 
             "client": own_cpu_s,
             "postgres": lambda: tree_cpu_s(db.postgres_pid),
         }
-        http = asyncio.run(with_clients(server, n, lambda call: concurrent_turns(call, n, turns, "http", clocks)))
-    progress(f"overhead: the same in-process, in its own process ({n}-way asyncio.gather)")
-    pid_args = ["--postgres-pid", str(db.postgres_pid)] if db.postgres_pid else []
-    result = run_inprocess(db.url, "overhead", "--conversations", str(n), "--turns", str(turns), *pid_args)
-    inprocess = [Sample(**s) for s in result["samples"]]
-    inprocess_rate = len(inprocess) / result["wall_s"]
+        for r in range(rounds):
 
-    def per_turn(cpu_s: float, count: int) -> str:
-        return ms(cpu_s * 1000 / count)
+            def burst(call: Call, tag: str = f"http{r}") -> Awaitable[Burst]:
+                return concurrent_turns(call, n, turns, tag, clocks)
 
-    report.row("overhead", f"HTTP turns/s ({n} conv x {turns} turns, {args.workers} worker)", f"{http.per_second:.1f}")
-    report.row(
-        "overhead",
-        "HTTP latency p50 / p95",
-        f"{ms(median([s.ms for s in http.samples]))} / {ms(percentile([s.ms for s in http.samples], 0.95))}",
-    )
-    for name, cpu_s in http.cpu_s.items():
-        report.row("overhead", f"HTTP run: {name} CPU per turn", per_turn(cpu_s, len(http.samples)))
-    report.row("overhead", "in-process turns/s (separate process, as 1 worker)", f"{inprocess_rate:.1f}")
-    for name, cpu_s in result["cpu_s"].items():
-        report.row("overhead", f"in-process run: {name} CPU per turn", per_turn(cpu_s, len(inprocess)))
-    ratio = http.per_second / inprocess_rate
-    report.row("overhead", "HTTP / in-process throughput", f"{ratio:.2f}", ">= 0.90", ratio >= 0.9)
-    errors = sum(1 for s in http.samples + inprocess if s.error)
+            http.append(asyncio.run(with_clients(server, n, burst)))
+            args_ = ["--conversations", str(n), "--turns", str(turns), "--tag", f"inprocess{r}", *pid_args]
+            result = run_inprocess(db.url, "overhead", *args_)
+            inprocess.append(Burst([Sample(**x) for x in result["samples"]], result["wall_s"], result["cpu_s"]))
+            rates = f"HTTP {http[-1].per_second:.1f}, in-process {inprocess[-1].per_second:.1f} turns/s"
+            progress(f"overhead: round {r + 1}: {rates}")
+
+    def pooled(bursts: list[Burst]) -> tuple[list[Sample], float, dict[str, float]]:
+        samples = [s for b in bursts for s in b.samples]
+        cpu = {name: sum(b.cpu_s[name] for b in bursts) for name in bursts[0].cpu_s}
+        return samples, sum(b.wall_s for b in bursts), cpu
+
+    ratios = [h.per_second / i.per_second for h, i in zip(http, inprocess, strict=True)]
+    ratio = median(ratios)
+    http_samples, http_wall, http_cpu = pooled(http)
+    in_samples, in_wall, in_cpu = pooled(inprocess)
+    shape = f"{n} conv x {turns} turns x {rounds} rounds"
+    report.row("overhead", f"HTTP turns/s ({shape}, {args.workers} worker)", f"{len(http_samples) / http_wall:.1f}")
+    latencies = [s.ms for s in http_samples]
+    report.row("overhead", "HTTP latency p50 / p95", f"{ms(median(latencies))} / {ms(percentile(latencies, 0.95))}")
+    for name, cpu_s in http_cpu.items():
+        report.row("overhead", f"HTTP run: {name} CPU per turn", ms(cpu_s * 1000 / len(http_samples)))
+    report.row("overhead", "in-process turns/s (separate process, as 1 worker)", f"{len(in_samples) / in_wall:.1f}")
+    for name, cpu_s in in_cpu.items():
+        report.row("overhead", f"in-process run: {name} CPU per turn", ms(cpu_s * 1000 / len(in_samples)))
+    report.row("overhead", "HTTP / in-process throughput, each round", " ".join(f"{x:.2f}" for x in ratios))
+    report.row("overhead", "HTTP / in-process throughput (median)", f"{ratio:.2f}", ">= 0.90", ratio >= 0.9)
+    errors = sum(1 for s in http_samples + in_samples if s.error)
     report.row("overhead", "errors (HTTP + in-process)", str(errors), "0", errors == 0)
     report.data["overhead"] = {
         "conversations": n,
         "turns_per_conversation": turns,
-        "http": {"turns_per_s": http.per_second, "wall_s": http.wall_s, "cpu_s": http.cpu_s},
-        "inprocess": {"turns_per_s": inprocess_rate, "wall_s": result["wall_s"], "cpu_s": result["cpu_s"]},
+        "rounds": rounds,
+        "http": [{"turns_per_s": b.per_second, "wall_s": b.wall_s, "cpu_s": b.cpu_s} for b in http],
+        "inprocess": [{"turns_per_s": b.per_second, "wall_s": b.wall_s, "cpu_s": b.cpu_s} for b in inprocess],
+        "ratios": ratios,
         "ratio": ratio,
-        "errors": first_errors(http.samples + inprocess),
+        "errors": first_errors(http_samples + in_samples),
         "note": "the server and the in-process run each run in their own process; the HTTP client runs in the bench",
     }
 
@@ -400,6 +418,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=200, help="turns on the thread (thread)")
     parser.add_argument("--conversations", type=int, default=20, help="concurrent conversations (overhead)")
     parser.add_argument("--turns-per-conversation", type=int, default=10, help="(overhead)")
+    parser.add_argument(
+        "--overhead-rounds", type=int, default=3, help="alternating HTTP / in-process bursts (overhead)"
+    )
     parser.add_argument("--no-inprocess", action="store_true", help="skip the in-process run of thread")
     parser.add_argument("--capacity-workers", type=int, default=2, help="server workers for capacity and soak")
     parser.add_argument("--model-latency-ms", type=float, default=600.0, help="per model call (capacity, soak)")

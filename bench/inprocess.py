@@ -47,6 +47,7 @@ async def build_agent(url: str, stack: AsyncExitStack) -> AgentRunnable:
     """app.py's lifespan, minus HTTP: schema, pool, offline model, graph, runnable."""
     from agent import TOOLS, build_graph, refund_tool
     from agentserve.breaker import CircuitBreaker
+    from agentserve.collector import settle_garbage_collector
     from agentserve.logs import configure_logging
     from agentserve.model import build_chat_model
     from agentserve.offline_model import serve_offline_model
@@ -68,12 +69,16 @@ async def build_agent(url: str, stack: AsyncExitStack) -> AgentRunnable:
     model = build_chat_model(config, offline_url)
     saver = PooledPostgresSaver(pool)  # type: ignore[arg-type]
     runnable = AgentRunnable(
-        max_steps=config.MAX_STEPS, context_messages=config.CONTEXT_MESSAGES, run_timeout_s=config.RUN_TIMEOUT_S
+        max_steps=config.MAX_STEPS,
+        context_messages=config.CONTEXT_MESSAGES,
+        run_timeout_s=config.RUN_TIMEOUT_S,
+        durability=config.CHECKPOINT_DURABILITY,
     )
     runnable.transcript, runnable.pool = Transcript(pool), pool
     tools = [*TOOLS, refund_tool(RefundLedger(pool))]
     breaker = CircuitBreaker(config.MODEL_BREAKER_THRESHOLD, config.MODEL_BREAKER_COOLDOWN_S)
     runnable.graph = build_graph(model, saver, tools=tools, context_messages=config.CONTEXT_MESSAGES, breaker=breaker)
+    settle_garbage_collector(config.GC_GEN0_THRESHOLD)  # as each server worker does
     return runnable
 
 
@@ -95,7 +100,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             samples = await sequential_turns(bound, args.turns, "inprocess")
             return {"samples": [asdict(s) for s in samples]}
         clocks = {"process": own_cpu_s, "postgres": lambda: tree_cpu_s(args.postgres_pid)}
-        burst = await concurrent_turns(bound, args.conversations, args.turns, "inprocess", clocks)
+        burst = await concurrent_turns(bound, args.conversations, args.turns, args.tag, clocks)
         return {"samples": [asdict(s) for s in burst.samples], "wall_s": burst.wall_s, "cpu_s": burst.cpu_s}
 
 
@@ -104,6 +109,7 @@ if __name__ == "__main__":
     parser.add_argument("mode", choices=["thread", "overhead"])
     parser.add_argument("--turns", type=int, required=True, help="turns on the thread, or per conversation")
     parser.add_argument("--conversations", type=int, default=1)
+    parser.add_argument("--tag", default="inprocess", help="prefix of the thread names (a fresh one per run)")
     parser.add_argument("--postgres-pid", type=int, default=None, help="to count the database's CPU too")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats of the whole run here")
     args = parser.parse_args()

@@ -233,3 +233,35 @@ def test_a_run_over_the_time_limit_is_a_504_and_the_server_stays_healthy(databas
         response = slow.post("/agent/invoke", json=turn_body("hello", "too-slow"))
         assert response.status_code == 504 and "0.3s" in response.json()["detail"]
         assert slow.get("/health").status_code == 200
+
+
+def test_runs_drop_langserves_unread_event_recording_and_keep_other_handlers() -> None:
+    from langchain_core.callbacks import AsyncCallbackManager, StdOutCallbackHandler
+    from langserve.callbacks import AsyncEventAggregatorCallback
+
+    from agentserve.runs import without_event_recording
+
+    kept, dropped = StdOutCallbackHandler(), AsyncEventAggregatorCallback()
+    as_list = without_event_recording({"callbacks": [dropped, kept], "run_name": "x"})
+    assert as_list == {"callbacks": [kept], "run_name": "x"}
+    manager = AsyncCallbackManager(handlers=[kept, dropped], inheritable_handlers=[kept, dropped])
+    stripped = without_event_recording({"callbacks": manager})["callbacks"]
+    assert isinstance(stripped, AsyncCallbackManager)
+    assert stripped.handlers == [kept] and stripped.inheritable_handlers == [kept]
+    assert manager.handlers == [kept, dropped], "the caller's manager is not changed"
+    assert without_event_recording(None) == {}
+
+
+def test_a_worker_freezes_what_startup_built_and_collects_young_garbage_less_often() -> None:
+    import gc
+
+    from agentserve.collector import settle_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        settle_garbage_collector(50_000)
+        assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == (50_000, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
