@@ -27,7 +27,6 @@ from agentserve.metrics import THREAD_WAIT
 from agentserve.ratelimit import RateLimited, count_request
 from agentserve.runs import thread_key_for
 from agentserve.settings import Settings
-from agentserve.threads import touch_threads
 
 RUN_ENDPOINTS = frozenset({"invoke", "batch", "stream", "stream_events", "stream_log"})
 MAX_THREAD_ID_CHARS = 200
@@ -179,10 +178,13 @@ async def admitted(request: Request, turns: list[tuple[str, Any]]) -> AsyncItera
             async with request.app.state.pool.connection() as conn:
                 await count_request(conn, tenant, settings.TENANT_REQUESTS_PER_MINUTE)
         waiting = time.perf_counter()
-        async with request.app.state.leases.hold(tenant, keys):
+        async with request.app.state.leases.hold(tenant, keys, register=True) as pending_by_key:
             THREAD_WAIT.observe(time.perf_counter() - waiting)
-            async with request.app.state.pool.connection() as conn:
-                pending = await touch_threads(conn, tenant, sorted(set(thread_ids)))
+            pending = {
+                thread: pending_by_key[key]
+                for key, thread in zip(keys, thread_ids, strict=True)
+                if key in pending_by_key
+            }
             await refuse_turns_that_do_not_fit(request, tenant, turns, pending)
             yield
     except RateLimited as exc:

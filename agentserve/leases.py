@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
@@ -33,7 +33,17 @@ WHERE %(max_runs)s = 0 OR (
 ON CONFLICT (thread_key) DO UPDATE
     SET tenant = EXCLUDED.tenant, holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
     WHERE lease.expires_at < now()
-RETURNING holder
+RETURNING thread_key
+"""
+# The same, and the thread recorded as active in the registry, in one round trip
+# (admission's whole cost on the database besides the release). The registry row
+# is updated only once the lease is ours, so `pending` is what the last run left.
+ACQUIRE_AND_REGISTER = f"""
+WITH lease AS ({ACQUIRE})
+INSERT INTO agent_threads (thread_key, tenant, thread_id)
+SELECT thread_key, %(tenant)s, %(thread_id)s FROM lease
+ON CONFLICT (thread_key) DO UPDATE SET updated_at = now()
+RETURNING pending
 """
 IS_HELD = "SELECT expires_at > now() AS held FROM agent_thread_leases WHERE thread_key = %s"
 RENEW = """UPDATE agent_thread_leases SET expires_at = now() + make_interval(secs => %s)
@@ -68,26 +78,34 @@ class ThreadLeases:
         self.policy = policy
 
     @contextlib.asynccontextmanager
-    async def hold(self, tenant: str, thread_keys: Sequence[str]) -> AsyncIterator[None]:
+    async def hold(
+        self, tenant: str, thread_keys: Sequence[str], *, register: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         """Hold every key for the duration of the block. Keys are taken in sorted
-        order so two requests wanting overlapping sets cannot each hold half."""
+        order so two requests wanting overlapping sets cannot each hold half. With
+        `register`, each thread is also marked active in the thread registry as it
+        is taken; yields the pending action (if any) of each key."""
         holder = uuid.uuid4()
         keys = sorted(set(thread_keys))
         held: list[str] = []
+        pending: dict[str, Any] = {}
         try:
             for key in keys:
-                await self._acquire(tenant, key, holder)
+                if found := await self._acquire(tenant, key, holder, register):
+                    pending[key] = found
                 held.append(key)
             renewal = asyncio.create_task(self._renew_until_cancelled(keys, holder))
             try:
-                yield
+                yield pending
             finally:
                 renewal.cancel()
         finally:
             if held:
                 await self._release(held, holder)
 
-    async def _acquire(self, tenant: str, key: str, holder: uuid.UUID) -> None:
+    async def _acquire(self, tenant: str, key: str, holder: uuid.UUID, register: bool) -> Any:
+        """Takes the key, waiting as the policy says; returns the registry's pending
+        action when registering."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.policy.wait_s if self.policy.busy == "enqueue" else 0.0)
         delay = 0.02
@@ -97,12 +115,13 @@ class ThreadLeases:
             "holder": holder,
             "ttl": self.policy.ttl_s,
             "max_runs": self.policy.max_runs_per_tenant,
+            "thread_id": key.split("/", 1)[1],  # keys are "<tenant>/<thread id>"
         }
         while True:
             async with self.pool.connection() as conn:
-                row = await (await conn.execute(ACQUIRE, params)).fetchone()
+                row = await (await conn.execute(ACQUIRE_AND_REGISTER if register else ACQUIRE, params)).fetchone()
                 if row is not None:
-                    return
+                    return row.get("pending")
                 busy = await (await conn.execute(IS_HELD, (key,))).fetchone()
             thread_busy = bool(busy and busy["held"])
             if loop.time() + delay > deadline:

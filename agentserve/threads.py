@@ -19,9 +19,6 @@ from psycopg.rows import DictRow
 from agentserve.auth import CurrentPrincipal
 from agentserve.runs import thread_key_for
 
-TOUCH = """INSERT INTO agent_threads (thread_key, tenant, thread_id) VALUES (%s, %s, %s)
-           ON CONFLICT (thread_key) DO UPDATE SET updated_at = now()
-           RETURNING thread_id, pending"""
 OWNED = "SELECT 1 FROM agent_threads WHERE thread_key = %s"
 LIST = """SELECT thread_id, created_at, updated_at FROM agent_threads
           WHERE tenant = %(tenant)s AND (%(after)s::timestamptz IS NULL
@@ -38,16 +35,6 @@ ERASE = [
 
 router = APIRouter(prefix="/threads", tags=["threads"])
 Limit = Annotated[int, Query(ge=1, le=100)]
-
-
-async def touch_threads(conn: AsyncConnection[DictRow], tenant: str, thread_ids: list[str]) -> dict[str, Any]:
-    """Register the threads as active now; returns each one's pending action, if any."""
-    pending: dict[str, Any] = {}
-    for thread_id in thread_ids:
-        row = await (await conn.execute(TOUCH, (thread_key_for(tenant, thread_id), tenant, thread_id))).fetchone()
-        if row is not None and row["pending"]:
-            pending[thread_id] = row["pending"]
-    return pending
 
 
 async def erase_threads(conn: AsyncConnection[DictRow], keys: list[str]) -> None:
