@@ -419,7 +419,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--conversations", type=int, default=20, help="concurrent conversations (overhead)")
     parser.add_argument("--turns-per-conversation", type=int, default=10, help="(overhead)")
     parser.add_argument(
-        "--overhead-rounds", type=int, default=3, help="alternating HTTP / in-process bursts (overhead)"
+        "--overhead-rounds", type=int, default=5, help="alternating HTTP / in-process bursts (overhead)"
     )
     parser.add_argument("--no-inprocess", action="store_true", help="skip the in-process run of thread")
     parser.add_argument("--capacity-workers", type=int, default=2, help="server workers for capacity and soak")
