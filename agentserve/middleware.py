@@ -77,13 +77,16 @@ class AccessLogMiddleware:
             await send(message)
 
         try:
-            with trace.use_span(span, end_on_exit=True):
+            with trace.use_span(span, end_on_exit=False):
                 await self.app(scope, receive, send_tracking_status)
         finally:
             duration = time.perf_counter() - started
             state = scope.get("state", {})
             route = getattr(scope.get("route"), "path", "unmatched")
+            # Named and labelled before it ends: an ended span ignores both, and would
+            # keep the raw path, which can hold the caller's thread name.
             record_span(span, scope["method"], route, status, str(state.get("request_id", "")))
+            span.end()
             HTTP_REQUESTS.labels(route=route, method=scope["method"], status=str(status)).inc()
             HTTP_DURATION.labels(route=route).observe(duration)
             principal = state.get("principal")

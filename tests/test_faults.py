@@ -244,6 +244,7 @@ def test_opentelemetry_spans_reach_an_otlp_collector(database_url: str, workdir:
     try:
         with server.client() as client:
             assert "96" in answer_of(client.post("/agent/invoke", json=turn_body("What is 12 * 8?", "otel-1")))
+            assert client.get("/threads/otel-1/state").status_code == 200
         # The exporter batches on a timer, so the request's span and its model
         # calls' spans may arrive in separate posts: gather them all.
         deadline = time.monotonic() + 10
@@ -258,12 +259,19 @@ def test_opentelemetry_spans_reach_an_otlp_collector(database_url: str, workdir:
             # The root span is ours; FastAPI adds its own spans beneath it.
             requests = [span for span in spans if span.name == "POST /agent/invoke" and not span.parent_span_id]
             model_calls = [span for span in spans if span.name == "model call"]
-            if requests and len(model_calls) >= 2:  # a tool turn calls the model twice
+            state_read = any(span.name.startswith("GET /threads/") for span in spans)
+            if requests and len(model_calls) >= 2 and state_read:  # a tool turn calls the model twice
                 break
             assert time.monotonic() < deadline, f"spans arrived: {sorted(span.name for span in spans)}"
             time.sleep(0.2)
         (request,) = requests
         assert all(call.trace_id == request.trace_id for call in model_calls), "model calls outside the request's trace"
+        attributes = {a.key: a.value for a in request.attributes}
+        assert attributes["http.route"].string_value == "/agent/invoke"
+        assert attributes["http.response.status_code"].int_value == 200
+        # Named by the route template, never by the thread name in the path.
+        assert any(span.name == "GET /threads/{thread_id}/state" for span in spans)
+        assert not any("otel-1" in span.name for span in spans)
         assert "What is" not in str(spans), "span attributes carry no message content"
     finally:
         server.stop()
