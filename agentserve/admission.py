@@ -25,7 +25,7 @@ from agentserve.leases import TenantAtRunLimit, ThreadBusy
 from agentserve.messages import TurnInput
 from agentserve.metrics import THREAD_WAIT
 from agentserve.ratelimit import RateLimited, count_request
-from agentserve.runs import thread_key_for
+from agentserve.runs import thread_id_in, thread_key_for
 from agentserve.settings import Settings
 
 RUN_ENDPOINTS = frozenset({"invoke", "batch", "stream", "stream_events", "stream_log"})
@@ -200,7 +200,7 @@ async def admitted(request: Request, turns: list[tuple[str, Any]]) -> AsyncItera
             headers={"Retry-After": str(exc.retry_after_s)},
         ) from exc
     except ThreadBusy as exc:
-        thread_id = exc.thread_key.split("/", 1)[1]
+        thread_id = thread_id_in(exc.thread_key)
         waited = f" (waited {settings.BUSY_THREAD_WAIT_S:g}s)" if settings.BUSY_THREAD_POLICY == "enqueue" else ""
         raise HTTPException(
             409,

@@ -19,6 +19,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
+from agentserve.runs import thread_id_in
+
 log = logging.getLogger(__name__)
 
 BusyPolicy = Literal["enqueue", "reject"]
@@ -115,7 +117,7 @@ class ThreadLeases:
             "holder": holder,
             "ttl": self.policy.ttl_s,
             "max_runs": self.policy.max_runs_per_tenant,
-            "thread_id": key.split("/", 1)[1],  # keys are "<tenant>/<thread id>"
+            "thread_id": thread_id_in(key),
         }
         while True:
             async with self.pool.connection() as conn:

@@ -56,6 +56,11 @@ def thread_key_for(tenant: str, thread_id: str) -> str:
     return f"{tenant}/{thread_id}"
 
 
+def thread_id_in(thread_key: str) -> str:
+    """The caller's thread name inside a stored identity."""
+    return thread_key.split("/", 1)[1]
+
+
 def interrupts_of(interrupts: Any) -> list[dict[str, Any]]:
     """LangGraph's interrupts as the JSON the caller sees."""
     return [{"id": i.id, "value": i.value} for i in interrupts]
