@@ -29,8 +29,8 @@ from typing_extensions import TypedDict
 
 from agentserve.breaker import CircuitBreaker
 from agentserve.calculator import CalculatorError, evaluate, format_number
+from agentserve.core.refunds import RefundLedger
 from agentserve.metrics import BREAKER_OPEN, MODEL_CALL_DURATION, MODEL_CALL_ERRORS
-from agentserve.refunds import RefundLedger
 from agentserve.tracing import tracer
 
 SYSTEM_PROMPT = (

@@ -11,7 +11,7 @@ from psycopg_pool import PoolTimeout
 
 from agent import PROVIDER_FAILURES
 from agentserve.breaker import CircuitOpen
-from agentserve.runs import RunTimedOut
+from agentserve.core.errors import Refused, RunTimedOut
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,12 @@ async def run_timed_out(request: Request, exc: Exception) -> JSONResponse:
     return unavailable(str(exc) or "the run took too long and was stopped", 5, status=504)
 
 
+async def refused(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Refused)
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected_error)
     for failure in PROVIDER_FAILURES:
@@ -62,3 +68,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(psycopg.OperationalError, database_unavailable)
     app.add_exception_handler(PoolTimeout, database_unavailable)
     app.add_exception_handler(RunTimedOut, run_timed_out)
+    app.add_exception_handler(Refused, refused)

@@ -149,3 +149,22 @@ class BodySizeLimitMiddleware:
 
 class BodyTooLarge(Exception):
     pass
+
+
+# What a `worker` process answers over HTTP: it runs background work only.
+WORKER_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+class RoleMiddleware:
+    """With ROLE=worker, every route but the probes is a 404."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in WORKER_PATHS:
+            settings = getattr(scope["app"].state, "settings", None)
+            if settings is not None and settings.ROLE == "worker":
+                await send_json_error(send, 404, "this process runs background work only (ROLE=worker)", [])
+                return
+        await self.app(scope, receive, send)

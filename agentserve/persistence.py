@@ -68,6 +68,50 @@ SCHEMA = [
         message JSONB NOT NULL,
         UNIQUE (thread_key, message_id)
     )""",
+    # The LangGraph Server API's thread fields, cached at the end of each run so a
+    # search needs no checkpoint reads.
+    "ALTER TABLE agent_threads ADD COLUMN IF NOT EXISTS metadata JSONB NOT NULL DEFAULT '{}'",
+    "ALTER TABLE agent_threads ADD COLUMN IF NOT EXISTS status TEXT NOT NULL DEFAULT 'idle'",
+    "ALTER TABLE agent_threads ADD COLUMN IF NOT EXISTS state_values JSONB",
+    "ALTER TABLE agent_threads ADD COLUMN IF NOT EXISTS interrupts JSONB NOT NULL DEFAULT '{}'",
+    "ALTER TABLE agent_threads ADD COLUMN IF NOT EXISTS state_updated_at TIMESTAMPTZ",
+    "CREATE INDEX IF NOT EXISTS agent_threads_metadata_idx ON agent_threads USING gin (metadata jsonb_path_ops)",
+    # Every run, from either API: the queue, the per-thread order and the API's Run.
+    """CREATE TABLE IF NOT EXISTS agent_runs (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+        run_id UUID PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        thread_key TEXT NOT NULL,
+        assistant_id UUID NOT NULL,
+        status TEXT NOT NULL,
+        kwargs JSONB NOT NULL,
+        metadata JSONB NOT NULL DEFAULT '{}',
+        multitask_strategy TEXT NOT NULL,
+        durable BOOLEAN NOT NULL,
+        attached BOOLEAN NOT NULL,
+        waiter_deadline TIMESTAMPTZ,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        cancel_action TEXT,
+        store_events BOOLEAN NOT NULL DEFAULT false,
+        temporary BOOLEAN NOT NULL DEFAULT false,
+        output JSONB,
+        error JSONB,
+        webhook TEXT,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        ended_at TIMESTAMPTZ
+    )""",
+    "CREATE INDEX IF NOT EXISTS agent_runs_thread_idx ON agent_runs (thread_key, seq)",
+    "CREATE INDEX IF NOT EXISTS agent_runs_active_idx ON agent_runs (seq) WHERE status IN ('pending', 'running')",
+    "CREATE INDEX IF NOT EXISTS agent_runs_ended_idx ON agent_runs (ended_at)",
+    "CREATE INDEX IF NOT EXISTS agent_thread_leases_holder_idx ON agent_thread_leases (holder)",
+    """CREATE TABLE IF NOT EXISTS agent_run_events (
+        run_id UUID NOT NULL,
+        seq INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        data JSONB,
+        PRIMARY KEY (run_id, seq)
+    )""",
 ]
 
 
@@ -131,6 +175,11 @@ def database_url(settings: Settings) -> str:
     if settings.embedded_database:
         return start_embedded_database(settings.DATA_DIR)
     return settings.DATABASE_URL.get_secret_value()
+
+
+def direct_database_url(settings: Settings) -> str | None:
+    """The unpooled URL for what needs a session (LISTEN, schema setup), if given."""
+    return settings.DATABASE_DIRECT_URL.get_secret_value() or None
 
 
 def connection_kwargs(settings: Settings) -> dict[str, object]:

@@ -16,7 +16,7 @@ import uvicorn
 
 from agentserve.balance import TABLE_ENV, create_table
 from agentserve.logs import configure_logging
-from agentserve.persistence import database_url, setup_schema
+from agentserve.persistence import database_url, direct_database_url, setup_schema
 from agentserve.settings import get_settings
 
 log = logging.getLogger("agentserve.serve")
@@ -55,7 +55,10 @@ def main() -> None:
         # Workers join this one server instead of each looking for it.
         os.environ["DATABASE_URL"] = url
         log.warning("no DATABASE_URL: using the embedded PostgreSQL in %s", settings.DATA_DIR / "postgres")
-    asyncio.run(setup_schema(url, settings))
+    if settings.SETUP_SCHEMA_ON_START:
+        asyncio.run(setup_schema(direct_database_url(settings) or url, settings))
+    # Done once here, before any worker starts: workers never race on it.
+    os.environ["SETUP_SCHEMA_ON_START"] = "false"
     prepare_metrics_directory(settings.DATA_DIR / "metrics")
     if settings.WEB_CONCURRENCY > 1:
         table = settings.DATA_DIR / "workers.table"

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "replace-me"})
@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     DB_CHECK_AFTER_IDLE_S: float = Field(default=2.0, ge=0)
     DB_MAX_LIFETIME_S: float = Field(default=1800.0, gt=0)
     # PgBouncer/Supabase transaction poolers cannot keep prepared statements.
+    # Empty means never prepare (what a transaction pooler needs).
     DB_PREPARE_THRESHOLD: int | None = 5
     READY_TIMEOUT_S: float = Field(default=2.0, gt=0)
 
@@ -56,6 +57,22 @@ class Settings(BaseSettings):
     OPENAI_MAX_RETRIES: int = Field(default=3, ge=0)
     OFFLINE_MODEL_LATENCY_MS: float = Field(default=0.0, ge=0)
     OFFLINE_MODEL_FAILURE_RATE: float = Field(default=0.0, ge=0, le=1)
+
+    # Which work this process does: "api" (HTTP only), "worker" (background runs and
+    # sweeps; HTTP only for /health and /ready), "all" (both).
+    ROLE: Literal["all", "api", "worker"] = "all"
+    # A direct (unpooled) URL for what needs a session: LISTEN wake-ups and schema
+    # setup. Behind a transaction pooler set it; without it, wake-ups poll.
+    DATABASE_DIRECT_URL: SecretStr = SecretStr("")
+    # Set up the schema when the service starts (off where a migration job does it).
+    SETUP_SCHEMA_ON_START: bool = True
+    # Background runs: how many one worker executes at once, how often it looks for
+    # new ones without a wake-up, and how often a run whose worker died is retried.
+    BACKGROUND_JOBS_PER_WORKER: int = Field(default=10, ge=1)
+    QUEUE_POLL_S: float = Field(default=1.0, gt=0)
+    RUN_MAX_ATTEMPTS: int = Field(default=3, ge=1)
+    # Stored events of resumable runs, and ended runs, are kept this long.
+    RUN_EVENTS_TTL_S: float = Field(default=3600.0, gt=0)
 
     # Serving.
     HOST: str = "127.0.0.1"
@@ -97,6 +114,33 @@ class Settings(BaseSettings):
     # Per-tenant limits shared by all workers (0 = no limit).
     TENANT_REQUESTS_PER_MINUTE: int = Field(default=0, ge=0)
     TENANT_MAX_CONCURRENT_RUNS: int = Field(default=0, ge=0)
+
+    # Work nobody waits for: cron-scheduled runs and completion webhooks.
+    # Each worker looks for due crons (and for webhooks whose sender stopped) this often.
+    CRON_POLL_S: float = Field(default=10.0, gt=0, le=30)
+    TENANT_MAX_CRONS: int = Field(default=100, ge=1)
+    # A 6-field schedule (seconds first); meant for tests, too fine for production.
+    CRON_ALLOW_SECONDS: bool = False
+    # Signs each webhook body: X-Webhook-Signature: sha256=<HMAC-SHA256 hex>.
+    WEBHOOK_SECRET: SecretStr = SecretStr("")
+    # Webhooks to loopback, link-local and private addresses (off: a caller could
+    # otherwise make the server call into its own network).
+    WEBHOOK_ALLOW_PRIVATE: bool = False
+    WEBHOOK_TIMEOUT_S: float = Field(default=10.0, gt=0, le=60)
+    WEBHOOK_MAX_ATTEMPTS: int = Field(default=5, ge=1, le=20)
+
+    @field_validator("WEBHOOK_SECRET")
+    @classmethod
+    def _webhook_secret_not_placeholder(cls, value: SecretStr) -> SecretStr:
+        secret = value.get_secret_value()
+        if secret and (secret.lower() in PLACEHOLDER_SECRETS or len(secret) < 16):
+            raise ValueError("WEBHOOK_SECRET is a placeholder or shorter than 16 characters; leave it empty or set one")
+        return value
+
+    @field_validator("DB_PREPARE_THRESHOLD", mode="before")
+    @classmethod
+    def _empty_means_never(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def offline_model(self) -> bool:

@@ -239,7 +239,7 @@ def test_runs_drop_langserves_unread_event_recording_and_keep_other_handlers() -
     from langchain_core.callbacks import AsyncCallbackManager, StdOutCallbackHandler
     from langserve.callbacks import AsyncEventAggregatorCallback
 
-    from agentserve.runs import without_event_recording
+    from agentserve.edges.langserve.runnable import without_event_recording
 
     kept, dropped = StdOutCallbackHandler(), AsyncEventAggregatorCallback()
     as_list = without_event_recording({"callbacks": [dropped, kept], "run_name": "x"})

@@ -41,7 +41,8 @@ def test_refund_pauses_for_approval_and_shows_the_pending_action(client: TestCli
     [pending] = output["__interrupt__"]
     assert pending["value"] == {"action": "issue_refund", "args": {"order_id": "A-1001", "amount": 25.5}}
     state = client.get("/threads/refund-1/state").json()
-    assert state["pending"][0]["value"]["action"] == "issue_refund"
+    assert state["interrupts"][0]["value"]["action"] == "issue_refund"
+    assert state["next"] == ["tools"] and state["tasks"][0]["interrupts"] == state["interrupts"]
     assert refunds(database_url, "A-1001") == []
 
 
@@ -52,7 +53,7 @@ def test_approval_runs_the_tool_once_and_the_agent_answers(client: TestClient, d
     messages = response.json()["output"]["messages"]
     assert "issued for order A-1002" in messages[-1]["content"]
     assert [float(r[0]) for r in refunds(database_url, "A-1002")] == [25.5]
-    assert client.get("/threads/refund-2/state").json()["pending"] == []
+    assert client.get("/threads/refund-2/state").json()["interrupts"] == []
 
 
 def test_rejection_tells_the_model_and_pays_nothing(client: TestClient, database_url: str) -> None:

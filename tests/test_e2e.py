@@ -153,7 +153,7 @@ def test_a_paused_refund_survives_kill_9_and_resumes_through_remote_runnable(dat
     restarted = ServerProcess(database_url, workdir).start()
     try:
         with restarted.client() as client:
-            pending = client.get("/threads/refund-kill/state").json()["pending"]
+            pending = client.get("/threads/refund-kill/state").json()["interrupts"]
             assert pending[0]["value"]["action"] == "issue_refund"
         resumed = remote(restarted).invoke({"resume": {"approved": True}}, config=thread)
         assert "issued for order K-9" in resumed["messages"][-1].content

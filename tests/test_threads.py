@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from langchain_core.messages import AIMessage
 from psycopg.rows import dict_row
 
-from agentserve.retention import SWEEP_LOCK_ID, RetentionPolicy, SweepReport, sweep_once
+from agentserve.core.retention import SWEEP_LOCK_ID, RetentionPolicy, SweepReport, sweep_once
 from agentserve.settings import Settings
 from app import create_app
 from tests.support import turn_body
@@ -71,11 +71,11 @@ def test_state_holds_the_whole_conversation(client: TestClient) -> None:
     answer(say(client, "my name is Ada", "state-1"))
     answer(say(client, "What is 12 * 8?", "state-1"))
     state = client.get("/threads/state-1/state").json()
-    kinds = [(m["type"], m["content"]) for m in state["messages"]]
+    kinds = [(m["type"], m["content"]) for m in state["values"]["messages"]]
     assert kinds[0] == ("human", "my name is Ada")
     assert ("tool", "96") in kinds
     assert kinds[-1] == ("ai", "The answer is 96.")
-    assert state["pending"] == []
+    assert state["interrupts"] == [] and state["next"] == []
 
 
 def test_another_tenants_thread_is_404_never_403(client: TestClient) -> None:
@@ -95,30 +95,37 @@ def test_another_tenants_thread_is_404_never_403(client: TestClient) -> None:
 
 
 def test_thread_routes_need_a_key(client: TestClient) -> None:
-    assert client.get("/threads", headers={"X-API-Key": ""}).status_code == 401
+    assert client.post("/threads/search", json={}, headers={"X-API-Key": ""}).status_code == 401
+    assert client.get("/threads/state-1/state", headers={"X-API-Key": ""}).status_code == 401
 
 
 def test_history_is_newest_first_and_paginated(client: TestClient) -> None:
     answer(say(client, "one", "hist-1"))
     answer(say(client, "two", "hist-1"))
-    first = client.get("/threads/hist-1/history", params={"limit": 2}).json()
-    assert len(first["checkpoints"]) == 2 and first["next_before"]
-    second = client.get("/threads/hist-1/history", params={"limit": 2, "before": first["next_before"]}).json()
-    ids = [c["checkpoint_id"] for c in first["checkpoints"] + second["checkpoints"]]
+    answer(say(client, "three", "hist-1"))
+    first = client.post("/threads/hist-1/history", json={"limit": 2}).json()
+    assert len(first) == 2
+    before = first[-1]["checkpoint"]
+    second = client.post("/threads/hist-1/history", json={"limit": 2, "before": before}).json()
+    assert len(second) == 1 and second[0]["values"]["messages"][-1]["content"] == "You said: one"
+    ids = [c["checkpoint"]["checkpoint_id"] for c in first + second]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == len(ids)
+    assert client.get("/threads/hist-1/history", params={"limit": 2}).json() == first
 
 
 def test_list_threads_newest_activity_first_and_only_the_callers(client: TestClient) -> None:
     for name in ("list-a", "list-b", "list-c"):
         answer(say(client, "hi", name, key=CAROL))
     answer(say(client, "again", "list-a", key=CAROL))
-    page = client.get("/threads", params={"limit": 2}, headers={"X-API-Key": CAROL}).json()
-    assert [t["thread_id"] for t in page["threads"]] == ["list-a", "list-c"]
-    rest = client.get("/threads", params={"limit": 2, "cursor": page["next_cursor"]}, headers={"X-API-Key": CAROL})
-    assert [t["thread_id"] for t in rest.json()["threads"]] == ["list-b"]
-    assert all(t["thread_id"].startswith("list-") for t in page["threads"])
-    assert "list-a" not in str(client.get("/threads", params={"limit": 100}, headers={"X-API-Key": BOB}).json())
-    assert client.get("/threads", params={"cursor": "garbage"}).status_code == 400
+    search = {"limit": 2, "sort_by": "updated_at", "sort_order": "desc"}
+    page = client.post("/threads/search", json=search, headers={"X-API-Key": CAROL}).json()
+    assert [t["thread_id"] for t in page] == ["list-a", "list-c"]
+    assert page[0]["values"]["messages"][-1]["content"] == "You said: again"
+    rest = client.post("/threads/search", json={**search, "offset": 2}, headers={"X-API-Key": CAROL}).json()
+    assert [t["thread_id"] for t in rest] == ["list-b"]
+    bobs = client.post("/threads/search", json={"limit": 100}, headers={"X-API-Key": BOB}).json()
+    assert "list-a" not in str(bobs)
+    assert client.post("/threads/search", json={"limit": "many"}).status_code == 422
 
 
 def test_delete_erases_everything_and_the_thread_starts_fresh(client: TestClient, database_url: str) -> None:
@@ -148,10 +155,10 @@ def test_a_turn_after_a_run_killed_mid_tool_call_is_repaired(client: TestClient)
     """A checkpoint ending in a tool call with no result, as a kill -9 leaves it: the
     offline model, like OpenAI, refuses such a history unless the server repairs it."""
     answer(say(client, "hello", "repair-1"))
-    agent = client.app.state.agent  # type: ignore[attr-defined]
+    graph = client.app.state.turns.graph  # type: ignore[attr-defined]
     dangling = AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": "1+1"}, "id": "call_dead"}])
     client.portal.call(  # type: ignore[union-attr]
-        agent.graph.aupdate_state,
+        graph.aupdate_state,
         {"configurable": {"thread_id": "alice/repair-1"}},
         {"messages": [dangling]},
         "call_model",
@@ -223,11 +230,11 @@ def test_long_threads_keep_a_bounded_state_and_the_whole_transcript(database_url
         texts = [f"note {i}" for i in range(12)]
         for text in texts:
             answer(say(short, text, "long-1"))
-        agent = short.app.state.agent  # type: ignore[attr-defined]
+        graph = short.app.state.turns.graph  # type: ignore[attr-defined]
         config = {"configurable": {"thread_id": "alice/long-1"}}
-        state = short.portal.call(agent.graph.aget_state, config)  # type: ignore[union-attr]
+        state = short.portal.call(graph.aget_state, config)  # type: ignore[union-attr]
         assert len(state.values["messages"]) <= 2 * 4 + 2
-        messages = short.get("/threads/long-1/state").json()["messages"]
+        messages = short.get("/threads/long-1/transcript").json()["messages"]
         assert [m["content"] for m in messages if m["type"] == "human"] == texts
         assert [m["content"] for m in messages if m["type"] == "ai"] == [f"You said: {t}" for t in texts]
         # The model sees only the recent window.

@@ -14,7 +14,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
-from agentserve.threads import ERASE
+from agentserve.core.threads import ERASE
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ PRUNE = [
 HOUSEKEEPING = [
     "DELETE FROM agent_rate_windows WHERE window_start < now() - interval '1 hour'",
     "DELETE FROM agent_thread_leases WHERE expires_at < now() - interval '1 hour'",
+    # Stored events of ended runs are kept for a while (to rejoin their streams),
+    # ended runs as long as their threads' idle TTL.
+    """DELETE FROM agent_run_events e USING agent_runs r WHERE e.run_id = r.run_id
+       AND r.ended_at < now() - make_interval(secs => %(events_ttl_s)s)""",
+    """DELETE FROM agent_run_events e WHERE NOT EXISTS (SELECT 1 FROM agent_runs r WHERE r.run_id = e.run_id)""",
+    "DELETE FROM agent_runs WHERE ended_at < now() - make_interval(secs => %(ttl_s)s)",
 ]
 
 
@@ -59,6 +65,7 @@ class RetentionPolicy:
     thread_ttl_s: float
     checkpoints_kept: int
     interval_s: float
+    events_ttl_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,9 @@ async def sweep_once(conn: AsyncConnection[DictRow], policy: RetentionPolicy) ->
         if active:
             for statement in PRUNE:
                 await conn.execute(statement, {"keys": active, "keep": policy.checkpoints_kept})  # type: ignore[arg-type]
+        ttls = {"events_ttl_s": policy.events_ttl_s, "ttl_s": policy.thread_ttl_s}
         for statement in HOUSEKEEPING:
-            await conn.execute(statement)  # type: ignore[arg-type]
+            await conn.execute(statement, ttls)  # type: ignore[arg-type]
     return SweepReport(swept=True, threads_deleted=len(expired), threads_pruned=len(active))
 
 

@@ -19,7 +19,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
-from agentserve.runs import thread_id_in
+from agentserve.core.identity import thread_id_in
 
 log = logging.getLogger(__name__)
 

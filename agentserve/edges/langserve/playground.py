@@ -15,9 +15,9 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel, Field, ValidationError
 
-from agentserve.admission import admitted, read_json_object
+from agentserve.edges.langserve.admission import admitted, read_json_object, scope_config
+from agentserve.edges.langserve.runnable import AgentRunnable
 from agentserve.messages import TurnInput
-from agentserve.runs import AgentRunnable
 
 PATH = "/agent/chat"
 
@@ -78,8 +78,7 @@ def session_thread(request: Request) -> str:
 
 
 def scope_config_to_session(config: dict[str, object], request: Request) -> dict[str, object]:
-    principal = request.state.principal
-    return {"configurable": {"thread_id": session_thread(request), "tenant": principal.tenant}}
+    return scope_config(request, session_thread(request))
 
 
 async def admit_playground_turn(request: Request) -> AsyncIterator[None]:

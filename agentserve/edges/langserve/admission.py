@@ -21,15 +21,13 @@ from fastapi.exceptions import RequestValidationError
 from psycopg_pool import PoolTimeout
 from pydantic import ValidationError
 
-from agentserve.leases import TenantAtRunLimit, ThreadBusy
+from agentserve.core.admission import Admission, TurnRequest
+from agentserve.core.errors import Refused
+from agentserve.core.identity import MAX_THREAD_ID_CHARS, thread_key_for
 from agentserve.messages import TurnInput
 from agentserve.metrics import THREAD_WAIT
-from agentserve.ratelimit import RateLimited, count_request
-from agentserve.runs import thread_id_in, thread_key_for
-from agentserve.settings import Settings
 
 RUN_ENDPOINTS = frozenset({"invoke", "batch", "stream", "stream_events", "stream_log"})
-MAX_THREAD_ID_CHARS = 200
 HOW_TO_NAME_A_THREAD = 'send it as {"config": {"configurable": {"thread_id": "<your conversation name>"}}}'
 DATABASE_UNAVAILABLE = HTTPException(503, "the database is unavailable; retry shortly", headers={"Retry-After": "5"})
 
@@ -148,64 +146,45 @@ async def api_turns(request: Request, endpoint: str) -> list[tuple[str, Any]]:
     return turns
 
 
-async def refuse_turns_that_do_not_fit(
-    request: Request, tenant: str, turns: list[tuple[str, Any]], pending: dict[str, Any]
-) -> None:
-    """A paused thread takes only a decision; a decision needs a paused thread."""
+def turn_requests(turns: list[tuple[str, Any]]) -> list[TurnRequest]:
+    requests = []
     for thread_id, turn_input in turns:
         resuming = isinstance(turn_input, dict) and turn_input.get("resume") is not None
-        if resuming and not await request.app.state.agent.pending_actions(thread_key_for(tenant, thread_id)):
-            raise HTTPException(409, f"thread {thread_id!r} has no pending action to resume; send messages instead")
-        if not resuming and thread_id in pending:
-            actions = [item["value"] for item in pending[thread_id]]
-            raise HTTPException(
-                409,
-                f"thread {thread_id!r} is waiting for approval of {json.dumps(actions)}; "
-                'resume it with {"resume": {"approved": true}} or {"resume": {"approved": false, "reason": "..."}}',
-            )
+        summary = {"resume": turn_input.get("resume")} if resuming else {"messages": turn_input.get("messages")}
+        requests.append(TurnRequest(thread_id=thread_id, resuming=resuming, summary=summary))
+    return requests
+
+
+def as_http_error(exc: Refused) -> HTTPException:
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return HTTPException(exc.status, exc.detail, headers=headers)
 
 
 @contextlib.asynccontextmanager
 async def admitted(request: Request, turns: list[tuple[str, Any]]) -> AsyncIterator[None]:
-    """Holds the turns' threads for the block, once limits and pending actions allow."""
-    settings: Settings = request.app.state.settings
+    """Holds the turns' threads for the block, once limits and pending actions
+    allow; the run ids go to the config the runnable sees."""
+    admission: Admission = request.app.state.admission
     tenant: str = request.state.principal.tenant
-    thread_ids = [thread_id for thread_id, _ in turns]
-    keys = [thread_key_for(tenant, thread_id) for thread_id in thread_ids]
+    keys = [thread_key_for(tenant, thread_id) for thread_id, _ in turns]
     request.state.thread_hash = ",".join(hashlib.sha256(key.encode()).hexdigest()[:12] for key in keys)
+    waiting = time.perf_counter()
     try:
-        if settings.TENANT_REQUESTS_PER_MINUTE:
-            async with request.app.state.pool.connection() as conn:
-                await count_request(conn, tenant, settings.TENANT_REQUESTS_PER_MINUTE)
-        waiting = time.perf_counter()
-        async with request.app.state.leases.hold(tenant, keys, register=True) as pending_by_key:
+        async with admission.admitted(tenant, turn_requests(turns)) as run_ids:
             THREAD_WAIT.observe(time.perf_counter() - waiting)
-            pending = {
-                thread: pending_by_key[key]
-                for key, thread in zip(keys, thread_ids, strict=True)
-                if key in pending_by_key
-            }
-            await refuse_turns_that_do_not_fit(request, tenant, turns, pending)
+            request.state.run_ids = run_ids
             yield
-    except RateLimited as exc:
-        raise HTTPException(
-            429,
-            f"tenant {tenant!r} is over its {settings.TENANT_REQUESTS_PER_MINUTE} requests per minute",
-            headers={"Retry-After": str(exc.retry_after_s)},
-        ) from exc
-    except TenantAtRunLimit as exc:
-        raise HTTPException(
-            429,
-            f"tenant {tenant!r} already has {settings.TENANT_MAX_CONCURRENT_RUNS} runs in progress",
-            headers={"Retry-After": str(exc.retry_after_s)},
-        ) from exc
-    except ThreadBusy as exc:
-        thread_id = thread_id_in(exc.thread_key)
-        waited = f" (waited {settings.BUSY_THREAD_WAIT_S:g}s)" if settings.BUSY_THREAD_POLICY == "enqueue" else ""
-        raise HTTPException(
-            409,
-            f"thread {thread_id!r} is still running another turn{waited}; retry when it has finished",
-            headers={"Retry-After": str(exc.retry_after_s)},
-        ) from exc
+    except Refused as exc:
+        raise as_http_error(exc) from exc
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise DATABASE_UNAVAILABLE from exc
+
+
+def scope_config(request: Request, thread_id: Any) -> dict[str, object]:
+    """The config a turn runs with: the caller's thread and tenant, and the run
+    admission gave it; nothing else the caller sent."""
+    run_ids: dict[str, str] = getattr(request.state, "run_ids", {})
+    configurable = {"thread_id": thread_id, "tenant": request.state.principal.tenant}
+    if isinstance(thread_id, str) and thread_id in run_ids:
+        configurable["run_id"] = run_ids[thread_id]
+    return {"configurable": configurable}

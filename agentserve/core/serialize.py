@@ -1,0 +1,43 @@
+"""LangChain and LangGraph objects as plain JSON, the way LangGraph Server clients
+read them: messages as their `model_dump()`, interrupts as `{value, id}`."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import uuid
+from typing import Any
+
+import orjson
+from langgraph.types import Interrupt
+from pydantic import BaseModel
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if isinstance(value, Interrupt):
+        return {"value": value.value, "id": value.id}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, uuid.UUID | datetime.date):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    # Anything else (a callback handler, a function) is shown by name, never raised on.
+    return repr(value)
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+def jsonable(value: Any) -> Any:
+    """The value as plain dicts, lists and scalars."""
+    return orjson.loads(dumps(value))

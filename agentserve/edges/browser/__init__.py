@@ -1,0 +1,1 @@
+"""The browser pages: sign-in, which trades an API key for a session cookie."""
