@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench load clean
+.PHONY: setup run test lint bench load chat-ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: setup
 ## load: start the stack with the offline model at 600 ms and run load-test.js with k6
 load: setup
 	$(BIN)/python -m bench.load
+
+## chat-ui: build (cached) and serve the Agent Chat UI on :5173, for AGENT_URL (default :8000) with .env's key
+chat-ui: setup
+	$(BIN)/python -m ui.build serve
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

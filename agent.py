@@ -30,6 +30,7 @@ from typing_extensions import TypedDict
 from agentserve.breaker import CircuitBreaker
 from agentserve.calculator import CalculatorError, evaluate, format_number
 from agentserve.core.refunds import RefundLedger
+from agentserve.decisions import BadDecision, approval_request, parse_decision
 from agentserve.metrics import BREAKER_OPEN, MODEL_CALL_DURATION, MODEL_CALL_ERRORS
 from agentserve.tracing import tracer
 
@@ -70,15 +71,22 @@ Amount = Annotated[float, Field(gt=0, le=10_000, description="Amount to refund, 
 
 def refund_tool(ledger: RefundLedger) -> BaseTool:
     """`issue_refund`, which pays out only after a person approves it: the run
-    pauses at `interrupt` and resumes with the reviewer's decision."""
+    pauses at `interrupt` and resumes with the reviewer's decision (accept, edit
+    the amount, or reject; see agentserve.decisions)."""
 
     @tool
     async def issue_refund(order_id: str, amount: Amount, config: RunnableConfig) -> str:
         """Refund `amount` to the customer for `order_id`. A person must approve it first."""
-        decision = interrupt({"action": "issue_refund", "args": {"order_id": order_id, "amount": amount}})
-        if not isinstance(decision, dict) or decision.get("approved") is not True:
-            reason = decision.get("reason") if isinstance(decision, dict) else None
-            return f"Refund rejected by the reviewer{f': {reason}' if reason else ''}. It was not issued."
+        answer = interrupt(approval_request(order_id, amount))
+        try:
+            decision = parse_decision(answer)
+        except BadDecision as exc:
+            return f"Refund rejected: the reviewer's answer was not understood ({exc}). It was not issued."
+        if not decision.approved:
+            reason = f": {decision.reason}" if decision.reason else ""
+            return f"Refund rejected by the reviewer{reason}. It was not issued."
+        order_id = decision.order_id or order_id
+        amount = decision.amount or amount
         configurable = config.get("configurable") or {}
         refund = await ledger.record(
             str(configurable["tenant"]),

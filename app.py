@@ -23,8 +23,10 @@ from agentserve.balance import WorkerBalanceMiddleware, open_table
 from agentserve.breaker import CircuitBreaker
 from agentserve.collector import settle_garbage_collector
 from agentserve.core.admission import Admission, AdmissionPolicy
+from agentserve.core.crons import CronPolicy, CronStore
 from agentserve.core.events import EventLog, Wakeups
 from agentserve.core.executor import Executor, ExecutorPolicy
+from agentserve.core.idempotency import IdempotencyKeys
 from agentserve.core.leases import LeasePolicy, ThreadLeases
 from agentserve.core.refunds import RefundLedger
 from agentserve.core.retention import RetentionPolicy, sweep_forever
@@ -33,6 +35,7 @@ from agentserve.core.service import RunService
 from agentserve.core.threads import ThreadStore
 from agentserve.core.transcript import Transcript
 from agentserve.core.turns import TurnRunner
+from agentserve.core.webhooks import WebhookPolicy, WebhookSender
 from agentserve.edges import lgapi, operations
 from agentserve.edges.browser.signin import router as signin_router
 from agentserve.edges.langserve.admission import admit_run, admit_stream, scope_config
@@ -40,10 +43,12 @@ from agentserve.edges.langserve.playground import PATH as PLAYGROUND_PATH
 from agentserve.edges.langserve.playground import PlaygroundChat, admit_playground_turn, scope_config_to_session
 from agentserve.edges.langserve.runnable import AgentRunnable
 from agentserve.errors import install_error_handlers
+from agentserve.idempotency import IdempotencyMiddleware
 from agentserve.logs import configure_logging
 from agentserve.middleware import (
     AccessLogMiddleware,
     BodySizeLimitMiddleware,
+    CorsFromSettings,
     RequestIdMiddleware,
     RoleMiddleware,
 )
@@ -87,6 +92,7 @@ def retention_policy(settings: Settings) -> RetentionPolicy:
         checkpoints_kept=settings.CHECKPOINTS_KEPT_PER_THREAD,
         interval_s=settings.SWEEP_INTERVAL_S,
         events_ttl_s=settings.RUN_EVENTS_TTL_S,
+        idempotency_ttl_s=settings.IDEMPOTENCY_TTL_S,
     )
 
 
@@ -171,7 +177,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.agent, app.state.saver, app.state.model_name = agent, saver, model.model_name
             app.state.turns, app.state.executor, app.state.admission = turns, executor, admission
             app.state.threads = threads
-            app.state.run_service = RunService(store, threads, executor)
+            app.state.idempotency = IdempotencyKeys(
+                pool, lease_s=config.THREAD_LEASE_TTL_S, retention_s=config.IDEMPOTENCY_TTL_S
+            )
+            app.state.run_service = RunService(store, threads, executor, runs_background_here=config.ROLE != "api")
+            app.state.crons = CronStore(
+                pool,
+                CronPolicy(
+                    max_per_tenant=config.TENANT_MAX_CRONS,
+                    allow_seconds=config.CRON_ALLOW_SECONDS,
+                    poll_s=config.CRON_POLL_S,
+                ),
+            )
+            webhooks = WebhookSender(
+                pool,
+                WebhookPolicy(
+                    secret=config.WEBHOOK_SECRET.get_secret_value(),
+                    allow_private=config.WEBHOOK_ALLOW_PRIVATE,
+                    timeout_s=config.WEBHOOK_TIMEOUT_S,
+                    max_attempts=config.WEBHOOK_MAX_ATTEMPTS,
+                    poll_s=config.CRON_POLL_S,
+                ),
+            )
+            stack.push_async_callback(webhooks.aclose)
+            executor.on_end.append(webhooks.on_run_end)
             app.state.leases = ThreadLeases(pool, LeasePolicy(ttl_s=config.THREAD_LEASE_TTL_S, wait_s=0.0))
             background = [
                 wakeups.listen_forever(direct_database_url(config) or url, listen_kwargs(config)),
@@ -179,6 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ]
             if config.ROLE != "api":
                 background += [executor.work_forever(), sweep_forever(pool, retention_policy(config))]
+                background += [app.state.crons.schedule_forever(), webhooks.recover_forever()]
             tasks = [asyncio.create_task(job) for job in background]
             for task in tasks:
                 stack.callback(task.cancel)
@@ -228,13 +258,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The agent's playground is the chat one, which speaks for the browser's session."""
         return RedirectResponse(f"{PLAYGROUND_PATH}/playground/", status_code=307)
 
-    # Added last so they wrap everything: the worker balance, the id, the log, the
-    # role's routes, then the size bound.
+    # Added last so they wrap everything: CORS (so even refusals carry its headers),
+    # the worker balance, the id, the log, the role's routes, the size bound, then
+    # idempotency keys (which read the body, so inside the size bound).
+    app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(RoleMiddleware)
     app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(WorkerBalanceMiddleware)
+    app.add_middleware(CorsFromSettings)
     return app
 
 

@@ -6,7 +6,7 @@ import secrets
 import sys
 from pathlib import Path
 
-GENERATED = ("AGENT_API_KEY", "POSTGRES_PASSWORD", "SESSION_SECRET")
+GENERATED = ("AGENT_API_KEY", "POSTGRES_PASSWORD", "SESSION_SECRET", "WEBHOOK_SECRET")
 
 
 def render_env(example: str) -> str:

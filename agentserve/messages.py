@@ -7,6 +7,8 @@ from typing import Any
 from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agentserve.decisions import BadDecision, parse_decision
+
 MAX_MESSAGES_PER_TURN = 20
 EITHER_MESSAGES_OR_RESUME = 'send either "messages" (a new turn) or "resume" (a decision on a pending action)'
 # OpenAI's roles and LangChain's types for what a caller is allowed to say.
@@ -30,15 +32,6 @@ def as_human_message_dict(index: int, value: Any) -> Any:
     return {**body, "type": "human"}
 
 
-class Decision(BaseModel):
-    """A reviewer's answer to the action a thread is waiting on."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    approved: bool
-    reason: str | None = Field(default=None, max_length=2000)
-
-
 class TurnInput(BaseModel):
     """One turn of a conversation: the caller's new messages, or the decision on a
     pending action. The thread is named in `config.configurable.thread_id`; the
@@ -47,13 +40,27 @@ class TurnInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[HumanMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES_PER_TURN)
-    resume: Decision | None = None
+    resume: Any = Field(
+        default=None,
+        description='The decision on the pending refund: {"approved": true} or {"approved": false, "reason": "..."}'
+        ' (also accepted: [{"type": "accept"}] and {"decisions": [{"type": "approve"}]}).',
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _messages_or_resume(cls, value: Any) -> Any:
         if isinstance(value, dict) and (value.get("messages") is None) == (value.get("resume") is None):
             raise ValueError(EITHER_MESSAGES_OR_RESUME)
+        return value
+
+    @field_validator("resume")
+    @classmethod
+    def _understood_decision(cls, value: Any) -> Any:
+        if value is not None:
+            try:
+                parse_decision(value)
+            except BadDecision as exc:
+                raise ValueError(str(exc)) from exc
         return value
 
     @field_validator("messages", mode="before")

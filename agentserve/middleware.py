@@ -13,6 +13,7 @@ import uuid
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentserve.metrics import HTTP_DURATION, HTTP_REQUESTS
@@ -168,3 +169,37 @@ class RoleMiddleware:
                 await send_json_error(send, 404, "this process runs background work only (ROLE=worker)", [])
                 return
         await self.app(scope, receive, send)
+
+
+# What the LangGraph SDKs send from a browser, and what they must read back: the
+# run id from Content-Location, the reconnect target from Location.
+CORS_HEADERS = ["x-api-key", "authorization", "content-type", "last-event-id", "x-auth-scheme", "x-request-id"]
+CORS_EXPOSED = ["Content-Location", "Location", "X-Request-Id", "Retry-After"]
+
+
+class CorsFromSettings:
+    """Starlette's CORS middleware with the origins from the settings, which are read
+    when the service starts, after the middleware stack is built. Preflights are
+    answered here, before authentication, as browsers send them without a key."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._cors: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope.get("app")
+        settings = getattr(app.state, "settings", None) if app is not None else None
+        if scope["type"] != "http" or settings is None or not settings.cors_origins:
+            await self.app(scope, receive, send)
+            return
+        if self._cors is None:
+            origins = settings.cors_origins
+            self._cors = CORSMiddleware(
+                self.app,
+                allow_origins=origins,
+                allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE", "OPTIONS"],
+                allow_headers=CORS_HEADERS,
+                expose_headers=CORS_EXPOSED,
+                max_age=600,
+            )
+        await self._cors(scope, receive, send)

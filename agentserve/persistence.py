@@ -105,6 +105,24 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS agent_runs_active_idx ON agent_runs (seq) WHERE status IN ('pending', 'running')",
     "CREATE INDEX IF NOT EXISTS agent_runs_ended_idx ON agent_runs (ended_at)",
     "CREATE INDEX IF NOT EXISTS agent_thread_leases_holder_idx ON agent_thread_leases (holder)",
+    # Idempotency keys: the first request's answer (or run), per tenant and key.
+    """CREATE TABLE IF NOT EXISTS agent_idempotency (
+        tenant TEXT NOT NULL,
+        key TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        state TEXT NOT NULL,
+        owner UUID NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL,
+        thread_id TEXT,
+        run_id UUID,
+        status_code INTEGER,
+        headers JSONB,
+        body BYTEA,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (tenant, key)
+    )""",
+    "CREATE INDEX IF NOT EXISTS agent_idempotency_owner_idx ON agent_idempotency (owner)",
+    "CREATE INDEX IF NOT EXISTS agent_idempotency_created_idx ON agent_idempotency (created_at)",
     """CREATE TABLE IF NOT EXISTS agent_run_events (
         run_id UUID NOT NULL,
         seq INTEGER NOT NULL,
@@ -112,6 +130,33 @@ SCHEMA = [
         data JSONB,
         PRIMARY KEY (run_id, seq)
     )""",
+    # Crons: each due one is taken by exactly one worker (FOR UPDATE SKIP LOCKED),
+    # which stores its run and moves next_run_date on in the same transaction.
+    """CREATE TABLE IF NOT EXISTS agent_crons (
+        cron_id UUID PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        thread_key TEXT,
+        payload JSONB NOT NULL,
+        kwargs JSONB NOT NULL,
+        schedule TEXT NOT NULL,
+        timezone TEXT,
+        end_time TIMESTAMPTZ,
+        enabled BOOLEAN NOT NULL DEFAULT true,
+        next_run_date TIMESTAMPTZ,
+        on_run_completed TEXT,
+        metadata JSONB NOT NULL DEFAULT '{}',
+        user_id TEXT,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )""",
+    "CREATE INDEX IF NOT EXISTS agent_crons_due_idx ON agent_crons (next_run_date) WHERE enabled",
+    "CREATE INDEX IF NOT EXISTS agent_crons_tenant_idx ON agent_crons (tenant, created_at)",
+    # Completion webhooks: how delivery went, and until when its sender holds it.
+    "ALTER TABLE agent_runs ADD COLUMN IF NOT EXISTS webhook_attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE agent_runs ADD COLUMN IF NOT EXISTS webhook_status TEXT",
+    "ALTER TABLE agent_runs ADD COLUMN IF NOT EXISTS webhook_due_at TIMESTAMPTZ",
+    """CREATE INDEX IF NOT EXISTS agent_runs_webhook_owed_idx ON agent_runs (ended_at)
+        WHERE webhook IS NOT NULL AND (webhook_status IS NULL OR webhook_status = 'sending')""",
 ]
 
 

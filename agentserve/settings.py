@@ -10,6 +10,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "replace-me"})
+# Where Vite, Next.js and the Chat UI's dev servers listen.
+DEV_PORTS = (3000, 5173, 4173, 8080)
 
 
 class Settings(BaseSettings):
@@ -58,6 +60,10 @@ class Settings(BaseSettings):
     OFFLINE_MODEL_LATENCY_MS: float = Field(default=0.0, ge=0)
     OFFLINE_MODEL_FAILURE_RATE: float = Field(default=0.0, ge=0, le=1)
 
+    # Browser origins allowed to call the API (comma-separated, as langgraph-api reads
+    # it; "*" for any). Empty: none in production, local dev servers in development.
+    CORS_ALLOW_ORIGINS: str = ""
+
     # Which work this process does: "api" (HTTP only), "worker" (background runs and
     # sweeps; HTTP only for /health and /ready), "all" (both).
     ROLE: Literal["all", "api", "worker"] = "all"
@@ -71,6 +77,9 @@ class Settings(BaseSettings):
     BACKGROUND_JOBS_PER_WORKER: int = Field(default=10, ge=1)
     QUEUE_POLL_S: float = Field(default=1.0, gt=0)
     RUN_MAX_ATTEMPTS: int = Field(default=3, ge=1)
+    # A request sent again with the same Idempotency-Key within this window gets the
+    # first one's answer.
+    IDEMPOTENCY_TTL_S: float = Field(default=86400.0, gt=0)
     # Stored events of resumable runs, and ended runs, are kept this long.
     RUN_EVENTS_TTL_S: float = Field(default=3600.0, gt=0)
 
@@ -141,6 +150,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_means_never(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def cors_origins(self) -> list[str]:
+        configured = [origin.strip() for origin in self.CORS_ALLOW_ORIGINS.split(",") if origin.strip()]
+        if configured or self.ENVIRONMENT == "production":
+            return configured
+        return [f"http://{host}:{port}" for host in ("localhost", "127.0.0.1") for port in DEV_PORTS]
 
     @property
     def offline_model(self) -> bool:

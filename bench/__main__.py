@@ -1,9 +1,10 @@
 """`python -m bench` (`make bench`): what a turn costs along a thread, what HTTP
-serving adds to the graph, and how many conversations two workers carry at a real
-model's latency. Every run starts its own servers on 127.0.0.1 against a fresh
-database and stops them at the end, also on errors and Ctrl-C.
+serving adds to the graph, how many conversations two workers carry at a real
+model's latency, and how our LangGraph API compares with the reference server's.
+Every run starts its own servers on 127.0.0.1 against a fresh database and stops
+them at the end, also on errors and Ctrl-C.
 
-Sections (`--only`, comma-separated; the first three by default):
+Sections (`--only`, comma-separated; all but soak by default):
   thread    one thread, --turns sequential turns (odd: tool, even: plain), zero model
             latency, --workers workers; also the same turns in-process.
   overhead  --conversations threads at once, --turns-per-conversation turns each, zero
@@ -14,6 +15,17 @@ Sections (`--only`, comma-separated; the first three by default):
             --levels, that many conversations loop turns with no pause for
             --level-seconds after --warmup-seconds; stops at the first failing level.
   soak      --soak-conversations at that latency for --soak-minutes; worker RSS growth.
+  reference the overhead shape through the LangGraph API (`runs.wait`) against the
+            reference server, `langgraph dev` (one process, in-memory; its venv is
+            .data/reference-venv, installed on first use from
+            bench/reference-requirements.txt), and against ours (one worker), both
+            calling one offline-model process; alternating for --reference-rounds
+            rounds; the verdict is the median round's ratio of turns/s, ours / reference.
+  lgapi-overhead  the overhead shape on our server, --workers workers: turns/s through
+            the LangGraph API vs LangServe's /agent/invoke, alternating for
+            --overhead-rounds rounds; the verdict is the median round's ratio.
+  lgapi-thread  the thread section's turns through the LangGraph API, --lgapi-turns
+            of them, --workers workers.
 
 Prints one table; writes bench-results/bench.json and, with thread, turn-latency.png.
 """
@@ -31,7 +43,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -39,6 +51,7 @@ from typing import Any, TypeVar
 import httpx
 import psutil
 
+from agentserve.model import OFFLINE_MODEL_NAME
 from bench.common import (
     RESULTS_DIR,
     Burst,
@@ -57,10 +70,11 @@ from bench.common import (
     tree_cpu_s,
 )
 from bench.inprocess import run_inprocess
-from tests.support import TEST_KEY, ServerProcess, answer_of, turn_body
+from bench.reference import VENV, lgapi_missing, offline_model, reference_server, reference_venv, with_lgapi_clients
+from tests.support import ROOT, TEST_KEY, ServerProcess, answer_of, turn_body
 
-SECTIONS = ("thread", "overhead", "capacity", "soak")
-DEFAULT_SECTIONS = "thread,overhead,capacity"
+SECTIONS = ("thread", "overhead", "capacity", "soak", "reference", "lgapi-overhead", "lgapi-thread")
+DEFAULT_SECTIONS = "thread,overhead,capacity,reference,lgapi-overhead,lgapi-thread"
 MODEL_CALLS = {"plain": 1, "tool": 2}
 T = TypeVar("T")
 
@@ -115,6 +129,49 @@ def first_errors(samples: list[Sample]) -> list[str]:
     return sorted({s.error for s in samples if s.error})[:5]
 
 
+def thread_summary(samples: list[Sample]) -> dict[str, float]:
+    """The brief's figures (turns 1-10 vs the last 10), and the same per turn kind
+    (first vs last 5 of each), which do not depend on how the two kinds interleave."""
+    first, last = median([s.ms for s in samples[:10]]), median([s.ms for s in samples[-10:]])
+    out = {"first10_median_ms": first, "last10_median_ms": last, "ratio": last / first}
+    for kind in MODEL_CALLS:
+        of_kind = [s.ms for s in samples if s.kind == kind]
+        out |= {f"{kind}_first5_median_ms": median(of_kind[:5]), f"{kind}_last5_median_ms": median(of_kind[-5:])}
+        out[f"{kind}_median_ms"] = median(of_kind)
+    return out
+
+
+def thread_rows(
+    report: Report,
+    section: str,
+    label: str,
+    samples: list[Sample],
+    first_target_ms: float | None,
+    ratio_target: float | None,
+) -> dict[str, Any]:
+    """Reports one thread's turns (targets only where given); returns its figures and turns."""
+    s = thread_summary(samples)
+    first_ok = s["first10_median_ms"] <= first_target_ms if first_target_ms is not None else None
+    ratio_ok = s["ratio"] <= ratio_target if ratio_target is not None else None
+    first_target = f"<= {first_target_ms:g} ms" if first_target_ms is not None else ""
+    report.row(section, f"{label}: median turns 1-10", ms(s["first10_median_ms"]), first_target, first_ok)
+    report.row(section, f"{label}: median turns {len(samples) - 9}-{len(samples)}", ms(s["last10_median_ms"]))
+    ratio_target_text = f"<= {ratio_target:g}" if ratio_target is not None else ""
+    report.row(section, f"{label}: last10 / first10", f"{s['ratio']:.2f}", ratio_target_text, ratio_ok)
+    for kind in MODEL_CALLS:
+        first, last = s[f"{kind}_first5_median_ms"], s[f"{kind}_last5_median_ms"]
+        report.row(section, f"{label}: {kind} turns, median first 5 -> last 5", f"{ms(first)} -> {ms(last)}")
+    errors = [x for x in samples if x.error]
+    report.row(section, f"{label}: errors", str(len(errors)), "0", not errors)
+    return s | {"errors": first_errors(samples), "turns": [x.brief() for x in samples]}
+
+
+def size_rows(report: Report, section: str, samples: list[Sample]) -> None:
+    for kind in MODEL_CALLS:
+        sizes = [x.size for x in samples if x.kind == kind]
+        report.row(section, f"response bytes, {kind} turns first / last", f"{sizes[0]} / {sizes[-1]}")
+
+
 def thread_section(args: argparse.Namespace, db: Database, report: Report) -> None:
     progress(f"thread: {args.turns} turns on one thread, {args.workers} worker(s), zero model latency")
     with running_server("thread", db, workers=args.workers, latency_ms=0, env=args.env) as server:
@@ -125,41 +182,15 @@ def thread_section(args: argparse.Namespace, db: Database, report: Report) -> No
         result = run_inprocess(db.url, "thread", "--turns", str(args.turns))
         inprocess = [Sample(**s) for s in result["samples"]]
 
-    def summary(samples: list[Sample]) -> dict[str, float]:
-        """The brief's figures (turns 1-10 vs the last 10), and the same per turn kind
-        (first vs last 5 of each), which do not depend on how the two kinds interleave."""
-        first, last = median([s.ms for s in samples[:10]]), median([s.ms for s in samples[-10:]])
-        out = {"first10_median_ms": first, "last10_median_ms": last, "ratio": last / first}
-        for kind in MODEL_CALLS:
-            of_kind = [s.ms for s in samples if s.kind == kind]
-            out |= {f"{kind}_first5_median_ms": median(of_kind[:5]), f"{kind}_last5_median_ms": median(of_kind[-5:])}
-            out[f"{kind}_median_ms"] = median(of_kind)
-        return out
-
-    last10 = f"{args.turns - 9}-{args.turns}"
     data: dict[str, Any] = {}
-    for label, samples in (("HTTP", http), ("in-process", inprocess)):
-        if not samples:
-            continue
-        s = summary(samples)
-        # The targets are the served ones; the in-process figures say how much of it is the graph.
-        targeted = label == "HTTP"
-        first_ok = s["first10_median_ms"] <= 50 if targeted else None
-        ratio_ok = s["ratio"] <= 1.5 if targeted else None
-        report.row("thread", f"{label}: median turns 1-10", ms(s["first10_median_ms"]), "<= 50 ms" * targeted, first_ok)
-        report.row("thread", f"{label}: median turns {last10}", ms(s["last10_median_ms"]))
-        report.row("thread", f"{label}: last10 / first10", f"{s['ratio']:.2f}", "<= 1.5" * targeted, ratio_ok)
+    for key, label, samples in (("http", "HTTP", http), ("inprocess", "in-process", inprocess)):
+        if samples:
+            # The targets are the served ones; the in-process figures say how much of it is the graph.
+            targets = (50.0, 1.5) if label == "HTTP" else (None, None)
+            data[key] = thread_rows(report, "thread", label, samples, *targets)
+    size_rows(report, "thread", http)
+    if inprocess:
         for kind in MODEL_CALLS:
-            first, last = s[f"{kind}_first5_median_ms"], s[f"{kind}_last5_median_ms"]
-            report.row("thread", f"{label}: {kind} turns, median first 5 -> last 5", f"{ms(first)} -> {ms(last)}")
-        errors = [x for x in samples if x.error]
-        report.row("thread", f"{label}: errors", str(len(errors)), "0", not errors)
-        key = "http" if label == "HTTP" else "inprocess"
-        data[key] = s | {"errors": first_errors(samples), "turns": [x.brief() for x in samples]}
-    for kind in MODEL_CALLS:
-        sizes = [x.size for x in http if x.kind == kind]
-        report.row("thread", f"response bytes, {kind} turns first / last", f"{sizes[0]} / {sizes[-1]}")
-        if inprocess:
             cost = data["http"][f"{kind}_median_ms"] - data["inprocess"][f"{kind}_median_ms"]
             report.row("thread", f"HTTP cost, {kind} turns (median HTTP - in-process)", ms(cost))
     report.data["thread"] = data
@@ -189,6 +220,20 @@ def plot_turn_latency(http: list[Sample], inprocess: list[Sample]) -> None:
     plt.close(figure)
 
 
+def server_clocks(server: ServerProcess, db: Database) -> dict[str, Callable[[], float]]:
+    return {
+        "server": lambda: tree_cpu_s(server.process.pid if server.process else None),
+        "client": own_cpu_s,
+        "postgres": lambda: tree_cpu_s(db.postgres_pid),
+    }
+
+
+def pooled(bursts: list[Burst]) -> tuple[list[Sample], float, dict[str, float]]:
+    samples = [s for b in bursts for s in b.samples]
+    cpu = {name: sum(b.cpu_s[name] for b in bursts) for name in bursts[0].cpu_s}
+    return samples, sum(b.wall_s for b in bursts), cpu
+
+
 def overhead_section(args: argparse.Namespace, db: Database, report: Report) -> None:
     """HTTP and in-process bursts alternate, --overhead-rounds times, so that both
     see the machine in the same state; the verdict is the median of the rounds' ratios."""
@@ -198,12 +243,7 @@ def overhead_section(args: argparse.Namespace, db: Database, report: Report) -> 
     http: list[Burst] = []
     inprocess: list[Burst] = []
     with running_server("overhead", db, workers=args.workers, latency_ms=0, env=args.env) as server:
-        assert server.process is not None
-        clocks = {
-            "server": lambda: tree_cpu_s(server.process.pid if server.process else None),
-            "client": own_cpu_s,
-            "postgres": lambda: tree_cpu_s(db.postgres_pid),
-        }
+        clocks = server_clocks(server, db)
         for r in range(rounds):
 
             def burst(call: Call, tag: str = f"http{r}") -> Awaitable[Burst]:
@@ -215,11 +255,6 @@ def overhead_section(args: argparse.Namespace, db: Database, report: Report) -> 
             inprocess.append(Burst([Sample(**x) for x in result["samples"]], result["wall_s"], result["cpu_s"]))
             rates = f"HTTP {http[-1].per_second:.1f}, in-process {inprocess[-1].per_second:.1f} turns/s"
             progress(f"overhead: round {r + 1}: {rates}")
-
-    def pooled(bursts: list[Burst]) -> tuple[list[Sample], float, dict[str, float]]:
-        samples = [s for b in bursts for s in b.samples]
-        cpu = {name: sum(b.cpu_s[name] for b in bursts) for name in bursts[0].cpu_s}
-        return samples, sum(b.wall_s for b in bursts), cpu
 
     ratios = [h.per_second / i.per_second for h, i in zip(http, inprocess, strict=True)]
     ratio = median(ratios)
@@ -249,6 +284,140 @@ def overhead_section(args: argparse.Namespace, db: Database, report: Report) -> 
         "errors": first_errors(http_samples + in_samples),
         "note": "the server and the in-process run each run in their own process; the HTTP client runs in the bench",
     }
+
+
+def lgapi_burst(url: str, n: int, turns: int, tag: str, clocks: dict[str, Callable[[], float]]) -> Burst:
+    """`concurrent_turns` over a LangGraph API, with the two threads it uses per
+    conversation (warm-up and measured) made beforehand."""
+
+    def burst(call: Call) -> Awaitable[Burst]:
+        return concurrent_turns(call, n, turns, tag, clocks)
+
+    return asyncio.run(with_lgapi_clients(url, TEST_KEY, n, 2 * n, burst))
+
+
+def langserve_burst(
+    server: ServerProcess, n: int, turns: int, tag: str, clocks: dict[str, Callable[[], float]]
+) -> Burst:
+    def burst(call: Call) -> Awaitable[Burst]:
+        return concurrent_turns(call, n, turns, tag, clocks)
+
+    return asyncio.run(with_clients(server, n, burst))
+
+
+def burst_rows(report: Report, section: str, label: str, bursts: list[Burst]) -> dict[str, Any]:
+    """Reports the pooled turns/s, latency and CPU per turn of `bursts`; returns them per burst."""
+    samples, wall_s, cpu = pooled(bursts)
+    report.row(section, f"{label}: turns/s", f"{len(samples) / wall_s:.1f}")
+    latencies = [s.ms for s in samples]
+    report.row(section, f"{label}: latency p50 / p95", f"{ms(median(latencies))} / {ms(percentile(latencies, 0.95))}")
+    for name, cpu_s in cpu.items():
+        report.row(section, f"{label}: {name} CPU per turn", ms(cpu_s * 1000 / len(samples)))
+    errors = [s for s in samples if s.error]
+    report.row(section, f"{label}: errors", str(len(errors)), "0", not errors)
+    return {
+        "bursts": [{"turns_per_s": b.per_second, "wall_s": b.wall_s, "cpu_s": b.cpu_s} for b in bursts],
+        "errors": first_errors(samples),
+    }
+
+
+def ratio_rows(report: Report, section: str, label: str, ratios: list[float], target: float) -> float:
+    ratio = median(ratios)
+    report.row(section, f"{label}, each round", " ".join(f"{x:.2f}" for x in ratios))
+    report.row(section, f"{label} (median)", f"{ratio:.2f}", f">= {target:.2f}", ratio >= target)
+    return ratio
+
+
+def reference_section(args: argparse.Namespace, db: Database, report: Report) -> None:
+    """`langgraph dev` and our server's LangGraph API, the same bursts alternating
+    --reference-rounds times, as in overhead; the verdict is the median round's ratio."""
+    n, turns, rounds = args.conversations, args.turns_per_conversation, args.reference_rounds
+    progress(f"reference: {rounds} rounds of {n} conversations x {turns} turns, langgraph dev then ours")
+    progress(f"reference: the reference venv, {VENV.relative_to(ROOT)} (the first run installs it)")
+    reference_venv()
+    reference: list[Burst] = []
+    ours: list[Burst] = []
+    with ExitStack() as stack:
+        model = stack.enter_context(offline_model())
+        langgraph_dev = stack.enter_context(reference_server(model.url))
+        # Ours calls the reference's model process rather than one of its own in its
+        # worker, so that neither server has the model's work on its own core.
+        model_env = {"OPENAI_API_KEY": "offline", "OPENAI_BASE_URL": model.url, "OPENAI_MODEL": OFFLINE_MODEL_NAME}
+        # One worker, as langgraph dev is one process.
+        server = stack.enter_context(
+            running_server("reference", db, workers=1, latency_ms=0, env={**args.env, **model_env})
+        )
+        missing = lgapi_missing(server.url, TEST_KEY)
+        if missing:
+            progress(f"reference: our server does not speak the LangGraph API ({missing}): langgraph dev alone")
+        model_clock = {"model": lambda: tree_cpu_s(model.pid)}
+        reference_clocks = {"server": lambda: tree_cpu_s(langgraph_dev.pid), "client": own_cpu_s, **model_clock}
+        ours_clocks = server_clocks(server, db) | model_clock
+        for r in range(rounds):
+            reference.append(lgapi_burst(langgraph_dev.url, n, turns, f"reference{r}", reference_clocks))
+            rates = f"langgraph dev {reference[-1].per_second:.1f}"
+            if not missing:
+                ours.append(lgapi_burst(server.url, n, turns, f"ours{r}", ours_clocks))
+                rates += f", ours {ours[-1].per_second:.1f}"
+            progress(f"reference: round {r + 1}: {rates} turns/s")
+    shape = f"{n} conv x {turns} turns x {rounds} rounds"
+    data: dict[str, Any] = {"conversations": n, "turns_per_conversation": turns, "rounds": rounds}
+    data["reference"] = burst_rows(report, "reference", f"langgraph dev, 1 process ({shape})", reference)
+    if missing:
+        report.row("reference", "ours (LangGraph API)", f"not served: {missing}")
+        report.row("reference", "ours / langgraph dev throughput", "n/a", ">= 1.50", False)
+        data["ours"] = {"missing": missing}
+    else:
+        data["ours"] = burst_rows(report, "reference", f"ours, LangGraph API, 1 worker ({shape})", ours)
+        ratios = [o.per_second / r.per_second for o, r in zip(ours, reference, strict=True)]
+        data["ratios"] = ratios
+        data["ratio"] = ratio_rows(report, "reference", "ours / langgraph dev throughput", ratios, 1.5)
+    report.data["reference"] = data
+
+
+def lgapi_overhead_section(args: argparse.Namespace, db: Database, report: Report) -> None:
+    """Our server's two ways in, LangGraph API (`runs.wait`) and LangServe
+    (`/agent/invoke`): bursts alternate --overhead-rounds times, as in overhead."""
+    n, turns, rounds = args.conversations, args.turns_per_conversation, args.overhead_rounds
+    progress(f"lgapi-overhead: {rounds} rounds of {n} conversations x {turns} turns, LangGraph API then LangServe")
+    lgapi: list[Burst] = []
+    langserve: list[Burst] = []
+    with running_server("lgapi-overhead", db, workers=args.workers, latency_ms=0, env=args.env) as server:
+        if missing := lgapi_missing(server.url, TEST_KEY):
+            report.row("lgapi-overhead", "LangGraph API / LangServe throughput", f"n/a: {missing}", ">= 0.90", False)
+            report.data["lgapi-overhead"] = {"missing": missing}
+            return
+        clocks = server_clocks(server, db)
+        for r in range(rounds):
+            lgapi.append(lgapi_burst(server.url, n, turns, f"lgapi{r}", clocks))
+            langserve.append(langserve_burst(server, n, turns, f"langserve{r}", clocks))
+            rates = f"LangGraph API {lgapi[-1].per_second:.1f}, LangServe {langserve[-1].per_second:.1f} turns/s"
+            progress(f"lgapi-overhead: round {r + 1}: {rates}")
+    shape = f"{n} conv x {turns} turns x {rounds} rounds, {args.workers} worker"
+    data: dict[str, Any] = {"conversations": n, "turns_per_conversation": turns, "rounds": rounds}
+    data["lgapi"] = burst_rows(report, "lgapi-overhead", f"LangGraph API runs.wait ({shape})", lgapi)
+    data["langserve"] = burst_rows(report, "lgapi-overhead", f"LangServe /agent/invoke ({shape})", langserve)
+    ratios = [g.per_second / s.per_second for g, s in zip(lgapi, langserve, strict=True)]
+    data["ratios"] = ratios
+    data["ratio"] = ratio_rows(report, "lgapi-overhead", "LangGraph API / LangServe throughput", ratios, 0.9)
+    report.data["lgapi-overhead"] = data
+
+
+def lgapi_thread_section(args: argparse.Namespace, db: Database, report: Report) -> None:
+    turns = args.lgapi_turns
+    progress(f"lgapi-thread: {turns} turns on one thread through runs.wait, {args.workers} worker(s)")
+    with running_server("lgapi-thread", db, workers=args.workers, latency_ms=0, env=args.env) as server:
+        if missing := lgapi_missing(server.url, TEST_KEY):
+            report.row("lgapi-thread", "LangGraph API: last10 / first10", f"n/a: {missing}", "<= 1.5", False)
+            report.data["lgapi-thread"] = {"missing": missing}
+            return
+
+        def thread(call: Call) -> Awaitable[list[Sample]]:
+            return sequential_turns(call, turns, "lgapi")
+
+        samples = asyncio.run(with_lgapi_clients(server.url, TEST_KEY, 1, 2, thread))
+    report.data["lgapi-thread"] = thread_rows(report, "lgapi-thread", "LangGraph API", samples, None, 1.5)
+    size_rows(report, "lgapi-thread", samples)
 
 
 async def capacity_level(args: argparse.Namespace, server: ServerProcess, db: Database, level: int) -> dict[str, Any]:
@@ -406,6 +575,9 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Database, Report], None]] = {
     "overhead": overhead_section,
     "capacity": capacity_section,
     "soak": soak_section,
+    "reference": reference_section,
+    "lgapi-overhead": lgapi_overhead_section,
+    "lgapi-thread": lgapi_thread_section,
 }
 
 
@@ -416,11 +588,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=DEFAULT_SECTIONS, help=f"sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--workers", type=int, default=1, help="server workers for thread and overhead")
     parser.add_argument("--turns", type=int, default=200, help="turns on the thread (thread)")
-    parser.add_argument("--conversations", type=int, default=20, help="concurrent conversations (overhead)")
-    parser.add_argument("--turns-per-conversation", type=int, default=10, help="(overhead)")
     parser.add_argument(
-        "--overhead-rounds", type=int, default=5, help="alternating HTTP / in-process bursts (overhead)"
+        "--conversations", type=int, default=20, help="concurrent conversations (overhead, reference, lgapi-overhead)"
     )
+    parser.add_argument("--turns-per-conversation", type=int, default=10, help="(overhead, reference, lgapi-overhead)")
+    parser.add_argument("--overhead-rounds", type=int, default=5, help="alternating bursts (overhead, lgapi-overhead)")
+    parser.add_argument("--reference-rounds", type=int, default=3, help="alternating bursts (reference)")
+    parser.add_argument("--lgapi-turns", type=int, default=150, help="turns on the thread (lgapi-thread)")
     parser.add_argument("--no-inprocess", action="store_true", help="skip the in-process run of thread")
     parser.add_argument("--capacity-workers", type=int, default=2, help="server workers for capacity and soak")
     parser.add_argument("--model-latency-ms", type=float, default=600.0, help="per model call (capacity, soak)")
@@ -437,8 +611,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown := set(args.only) - set(SECTIONS):
         parser.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     args.levels = [int(level) for level in args.levels.split(",")]
-    if args.turns < 20:
-        parser.error("--turns must be at least 20 (first and last 10 turns are compared)")
+    if min(args.turns, args.lgapi_turns) < 20:
+        parser.error("--turns and --lgapi-turns must be at least 20 (first and last 10 turns are compared)")
     try:
         args.env = dict(item.split("=", 1) for item in args.env)
     except ValueError:

@@ -4,11 +4,11 @@ a machine too noisy for throughput ratios to do it:
 
     python -m bench.breakdown
 
-- turn, direct: one plain turn through `AgentRunnable.ainvoke`, as in-process;
+- turn, direct: one plain turn through the core (admission, the run, the turn), as in-process;
 - turn, through the app: the same turn as POST /agent/invoke into the ASGI app
   (middleware, FastAPI, authentication, admission, LangServe), no sockets;
 - GET /health through the app: the fixed cost of the stack and the test client;
-- admission alone: the lease, the registry and the release (two statements);
+- admission alone: the run row with its lease, and its end (two statements);
 - LangServe's invoke handler around a runnable that answers at once.
 The turn's difference minus the pieces is what the agent does differently when
 LangServe runs it (its config and callbacks)."""
@@ -65,13 +65,14 @@ async def cpu_ms(action: Callable[[int], Awaitable[object]], samples: list[float
 
 
 async def main() -> dict[str, float]:
-    from agentserve.admission import admit_run
-    from agentserve.runs import AgentRunnable
+    from agentserve.core.admission import TurnRequest
+    from agentserve.edges.langserve.admission import admit_run
+    from agentserve.edges.langserve.runnable import AgentRunnable
     from app import create_app, scope_config_to_caller
 
     app = create_app()
     async with app.router.lifespan_context(app):
-        agent: AgentRunnable = app.state.agent
+        core_admission, executor = app.state.admission, app.state.executor
         transport = httpx.ASGITransport(app=app)
         client = httpx.AsyncClient(transport=transport, base_url="http://app", headers={"X-API-Key": TEST_KEY})
 
@@ -82,8 +83,14 @@ async def main() -> dict[str, float]:
         handler = APIHandler(Instant(), path="/agent", per_req_config_modifier=scope_config_to_caller)
 
         async def direct(i: int) -> None:
-            config: RunnableConfig = {"configurable": {"thread_id": f"direct-{i % 5}", "tenant": "default"}}
-            await agent.ainvoke({"messages": [HumanMessage(f"note {i}: hello")]}, config)
+            thread, text = f"direct-{i % 5}", f"note {i}: hello"
+            async with core_admission.admitted(
+                "default", [TurnRequest(thread, False, {"messages": [text]})]
+            ) as run_ids:
+                async for _ in executor.stream_attached(
+                    run_ids[thread], {"messages": [HumanMessage(text)]}, ["updates"]
+                ):
+                    pass
 
         async def through_app(i: int) -> None:
             response = await client.post("/agent/invoke", json=turn_body(f"note {i}: hello", f"app-{i % 5}"))

@@ -14,14 +14,12 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench.common import ROOT, Call, Turn, concurrent_turns, own_cpu_s, sequential_turns, tree_cpu_s
-
-if TYPE_CHECKING:
-    from agentserve.runs import AgentRunnable
 
 TENANT = "bench"
 
@@ -43,56 +41,44 @@ def run_inprocess(database_url: str, *args: str) -> dict[str, Any]:
     return result
 
 
-async def build_agent(url: str, stack: AsyncExitStack) -> AgentRunnable:
-    """app.py's lifespan, minus HTTP: schema, pool, offline model, graph, runnable."""
-    from agent import TOOLS, build_graph, refund_tool
-    from agentserve.breaker import CircuitBreaker
-    from agentserve.collector import settle_garbage_collector
-    from agentserve.logs import configure_logging
-    from agentserve.model import build_chat_model
-    from agentserve.offline_model import serve_offline_model
-    from agentserve.persistence import PooledPostgresSaver, create_pool, setup_schema
-    from agentserve.refunds import RefundLedger
-    from agentserve.runs import AgentRunnable
-    from agentserve.settings import Settings
-    from agentserve.transcript import Transcript
+TurnFn = Callable[[str, str], Awaitable[str]]
 
-    config = Settings(_env_file=None, DATABASE_URL=url, LOG_LEVEL="WARNING")  # type: ignore[call-arg, arg-type]
-    configure_logging(config.LOG_LEVEL)
-    await setup_schema(url, config)
-    pool = create_pool(url, config)
-    await pool.open(wait=True, timeout=config.DB_CONNECT_TIMEOUT_S)
-    stack.push_async_callback(pool.close)
-    offline_url = await stack.enter_async_context(
-        serve_offline_model(config.OFFLINE_MODEL_LATENCY_MS, config.OFFLINE_MODEL_FAILURE_RATE)
-    )
-    model = build_chat_model(config, offline_url)
-    saver = PooledPostgresSaver(pool)  # type: ignore[arg-type]
-    runnable = AgentRunnable(
-        max_steps=config.MAX_STEPS,
-        context_messages=config.CONTEXT_MESSAGES,
-        run_timeout_s=config.RUN_TIMEOUT_S,
-        durability=config.CHECKPOINT_DURABILITY,
-    )
-    runnable.transcript, runnable.pool = Transcript(pool), pool
-    tools = [*TOOLS, refund_tool(RefundLedger(pool))]
-    breaker = CircuitBreaker(config.MODEL_BREAKER_THRESHOLD, config.MODEL_BREAKER_COOLDOWN_S)
-    runnable.graph = build_graph(model, saver, tools=tools, context_messages=config.CONTEXT_MESSAGES, breaker=breaker)
-    settle_garbage_collector(config.GC_GEN0_THRESHOLD)  # as each server worker does
-    return runnable
+
+async def build_core(url: str, stack: AsyncExitStack) -> TurnFn:
+    """app.py's lifespan, minus HTTP: a turn goes through the core exactly as a
+    LangServe request's does (admission, the run row and lease, the turn), and
+    returns the answer's text."""
+    from langchain_core.messages import HumanMessage
+
+    from agentserve.core.admission import TurnRequest
+    from agentserve.settings import Settings
+    from app import create_app
+
+    config = Settings(_env_file=None, DATABASE_URL=url, LOG_LEVEL="WARNING", AGENT_API_KEY="bench-key-0123456789")  # type: ignore[call-arg, arg-type]
+    app = create_app(config)
+    await stack.enter_async_context(app.router.lifespan_context(app))
+    admission, executor = app.state.admission, app.state.executor
+
+    async def turn(thread: str, text: str) -> str:
+        answer = ""
+        async with admission.admitted(TENANT, [TurnRequest(thread, False, {"messages": [text]})]) as run_ids:
+            async for _, update in executor.stream_attached(
+                run_ids[thread], {"messages": [HumanMessage(text)]}, ["updates"]
+            ):
+                for value in update.values():
+                    if isinstance(value, dict) and value.get("messages"):
+                        answer = str(value["messages"][-1].content)
+        return answer
+
+    return turn
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    from langchain_core.messages import HumanMessage
-    from langchain_core.runnables import RunnableConfig
-
     async with AsyncExitStack() as stack:
-        runnable = await build_agent(os.environ["DATABASE_URL"], stack)
+        turn_on = await build_core(os.environ["DATABASE_URL"], stack)
 
         async def call(conversation: int, thread: str, turn: Turn) -> tuple[str | None, int]:
-            config: RunnableConfig = {"configurable": {"thread_id": thread, "tenant": TENANT}}
-            result = await runnable.ainvoke({"messages": [HumanMessage(turn.text)]}, config)
-            answer = result["messages"][-1].content
+            answer = await turn_on(thread, turn.text)
             return (None if answer == turn.expected else f"answer {answer!r}"), 0
 
         bound: Call = call

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,7 +40,12 @@ def pause(client: TestClient, thread: str, order_id: str) -> dict[str, Any]:
 def test_refund_pauses_for_approval_and_shows_the_pending_action(client: TestClient, database_url: str) -> None:
     output = pause(client, "refund-1", "A-1001")
     [pending] = output["__interrupt__"]
-    assert pending["value"] == {"action": "issue_refund", "args": {"order_id": "A-1001", "amount": 25.5}}
+    value, args = pending["value"], {"order_id": "A-1001", "amount": 25.5}
+    assert (value["action"], value["args"]) == ("issue_refund", args)
+    # What the Chat UI inboxes render: LangGraph's HumanInterrupt and LangChain's HITL request.
+    assert value["action_request"] == {"action": "issue_refund", "args": args}
+    assert value["config"] == {"allow_accept": True, "allow_edit": True, "allow_respond": True, "allow_ignore": True}
+    assert value["action_requests"][0]["name"] == "issue_refund" and value["review_configs"]
     state = client.get("/threads/refund-1/state").json()
     assert state["interrupts"][0]["value"]["action"] == "issue_refund"
     assert state["next"] == ["tools"] and state["tasks"][0]["interrupts"] == state["interrupts"]
@@ -98,6 +104,16 @@ def test_resume_through_stream(client: TestClient) -> None:
     [
         {"resume": {"approved": "maybe"}},
         {"resume": {}},
+        {"resume": [{"type": "edit", "args": {"args": {"order_id": "A-1", "amount": 20000}}}]},
+        {"resume": [{"type": "edit", "args": {"args": {"order_id": "A-1", "amount": "lots"}}}]},
+        {"resume": [{"type": "maybe"}]},
+        {"resume": [{"type": "accept"}, {"type": "accept"}]},
+        {"resume": {"decisions": [{"type": "approve"}, {"type": "reject"}]}},
+        {
+            "resume": {
+                "decisions": [{"type": "edit", "edited_action": {"name": "issue_refund", "args": {"amount": -1}}}]
+            }
+        },
         {"messages": [{"role": "user", "content": "x"}], "resume": {"approved": True}},
         {},
     ],
@@ -105,3 +121,38 @@ def test_resume_through_stream(client: TestClient) -> None:
 def test_malformed_decisions_are_422(client: TestClient, body: dict[str, Any]) -> None:
     response = client.post("/agent/invoke", json={"input": body, "config": {"configurable": {"thread_id": "r-bad"}}})
     assert response.status_code == 422, response.text
+
+
+DECISIONS = [
+    ([{"type": "accept", "args": None}], "issued", 25.5),
+    (
+        [{"type": "edit", "args": {"action": "issue_refund", "args": {"order_id": "{order}", "amount": "12.5"}}}],
+        "issued",
+        12.5,
+    ),
+    ([{"type": "response", "args": "not eligible"}], "not eligible", None),
+    ([{"type": "ignore", "args": None}], "rejected", None),
+    ({"decisions": [{"type": "approve"}]}, "issued", 25.5),
+    (
+        {"decisions": [{"type": "edit", "edited_action": {"name": "issue_refund", "args": {"amount": 7}}}]},
+        "issued",
+        7.0,
+    ),
+    ({"decisions": [{"type": "reject", "message": "too late"}]}, "too late", None),
+]
+
+
+@pytest.mark.parametrize(("answer", "says", "paid"), DECISIONS)
+def test_every_ui_answer_is_understood_and_pays_at_most_once(
+    client: TestClient, database_url: str, answer: Any, says: str, paid: float | None
+) -> None:
+    order = f"UI-{abs(hash(str(answer))) % 10**8}"
+    thread = f"ui-{order}"
+    pause(client, thread, order)
+    resume = json.loads(json.dumps(answer).replace("{order}", order))
+    response = client.post(
+        "/agent/invoke", json={"input": {"resume": resume}, "config": {"configurable": {"thread_id": thread}}}
+    )
+    assert response.status_code == 200, response.text
+    assert says in response.json()["output"]["messages"][-1]["content"]
+    assert [float(r[0]) for r in refunds(database_url, order)] == ([paid] if paid else [])

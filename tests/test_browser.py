@@ -49,7 +49,12 @@ def ask(page: object, text: str, expect: str) -> None:
     box = page.get_by_placeholder("Send a message...")  # type: ignore[attr-defined]
     box.fill(text)
     box.press("Enter")
-    page.get_by_text(expect).last.wait_for(timeout=20_000)  # type: ignore[attr-defined]
+    try:
+        page.get_by_text(expect).last.wait_for(timeout=20_000)  # type: ignore[attr-defined]
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "playground-failed.png"))  # type: ignore[attr-defined]
+        raise
 
 
 def test_sign_in_chat_reload_and_be_remembered(server: ServerProcess, browser: object) -> None:

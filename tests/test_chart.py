@@ -34,7 +34,14 @@ KUBE_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
 PENDING_RUNS_QUERY = "SELECT count(*) FROM agent_runs WHERE status = 'pending'"
 
 REQUIRED_SECRET_KEYS = {"DATABASE_URL"}
-OPTIONAL_SECRET_KEYS = {"AGENT_API_KEY", "AGENT_API_KEYS", "JWT_SECRET", "SESSION_SECRET", "OPENAI_API_KEY"}
+OPTIONAL_SECRET_KEYS = {
+    "AGENT_API_KEY",
+    "AGENT_API_KEYS",
+    "JWT_SECRET",
+    "SESSION_SECRET",
+    "WEBHOOK_SECRET",
+    "OPENAI_API_KEY",
+}
 OPTIONAL_SECRET_KEYS |= {"LANGSMITH_API_KEY"}
 SECRET_VALUES = {
     "DATABASE_URL": "postgresql://agent:pooled-pw-4d1c9e@pgbouncer:6432/agent",

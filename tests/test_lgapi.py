@@ -393,3 +393,63 @@ def test_the_js_sdk_streams_tokens_and_joins_a_stream(server: ServerProcess) -> 
     assert streamed["run_created"] and len(streamed["tokens"]) >= 3 and streamed["events"][-1] == "end"
     joined = run_js_scenario(server.url, TEST_KEY, "join")
     assert joined["final_status"] == "success" and "values" in joined["events"]
+
+
+async def test_stateless_runs_and_threads_made_on_demand(server: ServerProcess) -> None:
+    client = client_for(server)
+    values = await client.runs.wait(None, "agent", input=ask("What is 2 * 21?"))
+    assert last_text(values) == "The answer is 42."
+    made = f"made-{uuid.uuid4().hex[:8]}"
+    assert await status_of(client.runs.wait(made, "agent", input=ask("hi"))) == 404
+    values = await client.runs.wait(made, "agent", input=ask("hi"), if_not_exists="create")
+    assert last_text(values) == "You said: hi" and (await client.threads.get(made))["status"] == "idle"
+
+
+async def test_a_run_forks_from_an_earlier_checkpoint(server: ServerProcess) -> None:
+    client = client_for(server)
+    thread_id = (await client.threads.create())["thread_id"]
+    await client.runs.wait(thread_id, "agent", input=ask("my name is Ada"))
+    first = (await client.threads.get_state(thread_id))["checkpoint"]
+    await client.runs.wait(thread_id, "agent", input=ask("my name is Bea"))
+    forked = await client.runs.wait(thread_id, "agent", input=ask("what is my name"), checkpoint=first)
+    assert last_text(forked) == "Your name is Ada."
+
+
+async def test_rollback_cancels_and_erases_the_running_run(server: ServerProcess) -> None:
+    client = client_for(server)
+    thread_id = (await client.threads.create())["thread_id"]
+    await client.runs.create(thread_id, "agent", input=ask("What is 9 * 9?"))
+    await asyncio.sleep(0.2)
+    second = await client.runs.create(thread_id, "agent", input=ask("hello"), multitask_strategy="rollback")
+    assert last_text(await client.runs.join(thread_id, second["run_id"])) == "You said: hello"
+    assert [r["run_id"] for r in await client.runs.list(thread_id)] == [second["run_id"]]
+    humans = [
+        m["content"] for m in (await client.threads.get_state(thread_id))["values"]["messages"] if m["type"] == "human"
+    ]
+    assert humans == ["hello"]
+
+
+def test_headers_status_and_a_client_that_leaves_with_on_disconnect_cancel(server: ServerProcess) -> None:
+    headers = {"X-Api-Key": TEST_KEY}  # any letter case, as the Chat UI sends it
+    thread_id = httpx.post(f"{server.url}/threads", json={}, headers=headers).json()["thread_id"]
+    body = {"assistant_id": "agent", "input": ask("What is 6 * 7?"), "on_disconnect": "cancel"}
+    with httpx.stream("POST", f"{server.url}/threads/{thread_id}/runs/stream", json=body, headers=headers) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        run_path = response.headers["content-location"]
+        assert response.headers["location"] == f"{run_path}/stream" and run_path.startswith(
+            f"/threads/{thread_id}/runs/"
+        )
+        assert httpx.get(f"{server.url}/threads/{thread_id}", headers=headers).json()["status"] == "busy"
+        for line in response.iter_lines():
+            if line.startswith("event: metadata"):
+                break
+    deadline = time.monotonic() + 5
+    while (status := httpx.get(f"{server.url}{run_path}", headers=headers).json()["status"]) != "interrupted":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    wait = httpx.post(
+        f"{server.url}/threads/{thread_id}/runs/wait",
+        json={"assistant_id": "agent", "input": ask("hi")},
+        headers=headers,
+    )
+    assert wait.headers["location"].endswith("/join") and wait.json()["messages"][-1]["content"] == "You said: hi"

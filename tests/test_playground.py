@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,3 +101,22 @@ def test_sign_in_never_redirects_off_site(browser: TestClient) -> None:
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     assert response.headers["location"] == "/agent/playground/"
+
+
+@pytest.mark.parametrize("path", ["/agent/chat/invoke", "/agent/chat/stream_log"])
+def test_a_malformed_message_chunk_is_a_422_not_a_500(browser: TestClient, path: str) -> None:
+    sign_in(browser)
+    for message in ({"type": "ToolMessageChunk", "content": "x"}, {"type": "ToolMessageChunk"}):
+        response = browser.post(path, json={"input": {"messages": [message]}})
+        assert response.status_code == 422, response.text
+        assert "message" in response.text
+
+
+def test_the_chat_streams_the_answer_in_pieces(browser: TestClient) -> None:
+    sign_in(browser)
+    body = {"input": {"messages": [{"type": "human", "content": "my name is Ada Lovelace"}]}}
+    with browser.stream("POST", "/agent/chat/stream_log", json=body) as response:
+        assert response.status_code == 200
+        text = "".join(response.iter_text())
+    pieces = re.findall(r'"op":"add","path":"/streamed_output/-","value":"([^"]*)"', text.replace(" ", ""))
+    assert len(pieces) >= 2 and "".join(pieces) == "Nicetomeetyou,AdaLovelace."

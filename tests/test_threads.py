@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -239,3 +240,25 @@ def test_long_threads_keep_a_bounded_state_and_the_whole_transcript(database_url
         assert [m["content"] for m in messages if m["type"] == "ai"] == [f"You said: {t}" for t in texts]
         # The model sees only the recent window.
         assert answer(say(short, "what did I say before?", "long-1")) == 'Earlier you said: "note 11"'
+
+
+async def test_sweep_drops_old_runs_events_but_keeps_recent_ones(client: TestClient, database_url: str) -> None:
+    answer(say(client, "keep my runs", "runs-kept"))
+    with db(database_url) as conn:
+        conn.execute(
+            """INSERT INTO agent_runs (run_id, tenant, thread_key, assistant_id, status, kwargs, multitask_strategy,
+                   durable, attached, ended_at)
+               VALUES (%s, 'alice', 'alice/runs-old', gen_random_uuid(), 'success', '{}', 'enqueue', true, false,
+                       now() - interval '2 hours'),
+                      (%s, 'alice', 'alice/runs-old', gen_random_uuid(), 'success', '{}', 'enqueue', true, false,
+                       now() - interval '2 days')""",
+            (old := str(uuid.uuid4()), ancient := str(uuid.uuid4())),
+        )
+        conn.execute("INSERT INTO agent_run_events VALUES (%s, 1, 'end', 'null')", (old,))
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        policy = RetentionPolicy(thread_ttl_s=86400, checkpoints_kept=20, interval_s=600, events_ttl_s=3600)
+        assert (await sweep_once(conn, policy)).swept
+    assert count(database_url, "SELECT count(*) FROM agent_run_events WHERE run_id = %s", old) == 0
+    assert count(database_url, "SELECT count(*) FROM agent_runs WHERE run_id = %s", old) == 1
+    assert count(database_url, "SELECT count(*) FROM agent_runs WHERE run_id = %s", ancient) == 0
+    assert count(database_url, "SELECT count(*) FROM agent_runs WHERE thread_key = 'alice/runs-kept'") == 1

@@ -187,10 +187,10 @@ class Executor:
             await flusher
             await self._flush(active)
         stream.close()
-        if run.temporary and run.kwargs.get("on_completion", "delete") == "delete":
-            await self._erase_temporary(run)
         if ending.status != "rolled_back":
             self._announce_end(run)
+        if run.temporary and run.kwargs.get("on_completion", "delete") == "delete":
+            await self._erase_temporary(run)
 
     def _announce_end(self, run: Run) -> None:
         for listener in self.on_end:

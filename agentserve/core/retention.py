@@ -57,6 +57,7 @@ HOUSEKEEPING = [
        AND r.ended_at < now() - make_interval(secs => %(events_ttl_s)s)""",
     """DELETE FROM agent_run_events e WHERE NOT EXISTS (SELECT 1 FROM agent_runs r WHERE r.run_id = e.run_id)""",
     "DELETE FROM agent_runs WHERE ended_at < now() - make_interval(secs => %(ttl_s)s)",
+    "DELETE FROM agent_idempotency WHERE created_at < now() - make_interval(secs => %(idempotency_ttl_s)s)",
 ]
 
 
@@ -66,6 +67,7 @@ class RetentionPolicy:
     checkpoints_kept: int
     interval_s: float
     events_ttl_s: float = 3600.0
+    idempotency_ttl_s: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,11 @@ async def sweep_once(conn: AsyncConnection[DictRow], policy: RetentionPolicy) ->
         if active:
             for statement in PRUNE:
                 await conn.execute(statement, {"keys": active, "keep": policy.checkpoints_kept})  # type: ignore[arg-type]
-        ttls = {"events_ttl_s": policy.events_ttl_s, "ttl_s": policy.thread_ttl_s}
+        ttls = {
+            "events_ttl_s": policy.events_ttl_s,
+            "ttl_s": policy.thread_ttl_s,
+            "idempotency_ttl_s": policy.idempotency_ttl_s,
+        }
         for statement in HOUSEKEEPING:
             await conn.execute(statement, ttls)  # type: ignore[arg-type]
     return SweepReport(swept=True, threads_deleted=len(expired), threads_pruned=len(active))

@@ -58,7 +58,7 @@ RUN_COLUMNS = """r.run_id, r.seq, r.tenant, r.thread_key, r.assistant_id, r.stat
 # thread at once: the common case costs one round trip.
 SUBMIT = f"""
 WITH free AS (
-    SELECT 1 WHERE NOT {LEASED.format(key="%(key)s")}
+    SELECT 1 WHERE %(claim_now)s AND NOT {LEASED.format(key="%(key)s")}
         AND NOT EXISTS (SELECT 1 FROM agent_runs e WHERE e.thread_key = %(key)s
             AND ((e.status = 'pending' AND (NOT e.attached OR e.waiter_deadline > now()))
                  OR (e.status = 'running' AND e.durable)))
@@ -268,6 +268,9 @@ class NewRun:
     webhook: str | None = None
     thread_metadata: dict[str, Any] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # False: leave it to the queue even when its thread is free (an `api` process
+    # leaves background runs to the workers).
+    claim_now: bool = True
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,7 @@ class RunStore:
             "temporary": new.temporary,
             "webhook": new.webhook,
             "queue": new.strategy != "reject",
+            "claim_now": new.claim_now,
         }
         async with self._claiming([new.tenant]) as conn:
             row = await (await conn.execute(SUBMIT, params)).fetchone()

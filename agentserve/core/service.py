@@ -25,6 +25,11 @@ class RunRequest:
     if_not_exists: Literal["reject", "create"]
     metadata: dict[str, Any]
     webhook: str | None = None
+    # Keep the events even when not resumable: a retry with the same idempotency
+    # key joins the stream from its start.
+    keep_events: bool = False
+    # A background run (`runs.create`): may be left to the queue's workers.
+    background: bool = False
 
 
 def result_of(run: Run) -> dict[str, Any]:
@@ -38,10 +43,14 @@ def result_of(run: Run) -> dict[str, Any]:
 
 
 class RunService:
-    def __init__(self, store: RunStore, threads: ThreadStore, executor: Executor) -> None:
+    def __init__(
+        self, store: RunStore, threads: ThreadStore, executor: Executor, *, runs_background_here: bool = True
+    ) -> None:
         self.store = store
         self.threads = threads
         self.executor = executor
+        # False on an `api` process: background runs go to the workers.
+        self.runs_background_here = runs_background_here
 
     async def start(self, tenant: str, thread_id: str | None, request: RunRequest) -> Run:
         """Store the run, and begin it on this worker at once when its thread is
@@ -66,9 +75,10 @@ class RunService:
             kwargs=request.kwargs,
             strategy=strategy,
             metadata=request.metadata,
-            store_events=bool(request.kwargs.get("stream_resumable")),
+            store_events=bool(request.kwargs.get("stream_resumable")) or request.keep_events,
             temporary=temporary,
             webhook=request.webhook,
+            claim_now=self.runs_background_here or not request.background,
         )
         submitted = await self.store.submit(new)
         if submitted is None:

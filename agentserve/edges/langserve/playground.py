@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langchain_core.messages import AnyMessage, HumanMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel, Field, ValidationError
 
@@ -37,15 +37,31 @@ def newest_user_messages(messages: list[Any]) -> list[HumanMessage]:
     return newest
 
 
-def reply_text(output: dict[str, Any]) -> str:
-    if pending := output.get("__interrupt__"):
-        actions = ", ".join(str(item["value"]) for item in pending)
-        return f"This needs a person's approval first: {actions}. Approve or reject it through the API."
-    answers = [m for m in output.get("messages", []) if isinstance(m, AIMessage) and not m.tool_calls]
-    return str(answers[-1].content) if answers else ""
+APPROVAL_TEXT = (
+    "This needs a person's approval first: {actions}. This page cannot show approvals; "
+    "approve or reject it in the Agent Chat UI (see the README), or with the API."
+)
+
+
+def approval_text(pending: list[dict[str, Any]]) -> str:
+    actions = ", ".join(
+        f"{item['value'].get('action')} {item['value'].get('args')}" if isinstance(item.get("value"), dict) else "?"
+        for item in pending
+    )
+    return APPROVAL_TEXT.format(actions=actions)
+
+
+def single(value: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def one() -> AsyncIterator[dict[str, Any]]:
+        yield value
+
+    return one()
 
 
 class PlaygroundChat(Runnable[dict[str, Any], str]):
+    """The turn's answer as text, streamed token by token (the page renders the
+    concatenated chunks of `stream_log`)."""
+
     name = "agent"
 
     def __init__(self, agent: AgentRunnable) -> None:
@@ -61,13 +77,33 @@ class PlaygroundChat(Runnable[dict[str, Any], str]):
         raise NotImplementedError("the agent runs on the event loop: use ainvoke or astream")
 
     async def ainvoke(self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any) -> str:
-        turn = {"messages": newest_user_messages(input["messages"]), "resume": None}
-        return reply_text(await self.agent.ainvoke(turn, config))
+        return "".join([chunk async for chunk in self.astream(input, config)])
 
     async def astream(
         self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[str]:
-        yield await self.ainvoke(input, config)
+        # Through LangServe's run tracking, so that stream_log opens with the run's
+        # initial state, which the page patches the streamed text into.
+        async for chunk in self._atransform_stream_with_config(single(input), self._tokens, config, **kwargs):
+            yield chunk
+
+    async def _tokens(
+        self, inputs: AsyncIterator[dict[str, Any]], run_manager: Any, config: RunnableConfig
+    ) -> AsyncIterator[str]:
+        input = [item async for item in inputs][-1]
+        executor = self.agent.executor
+        run_id = (config.get("configurable") or {}).get("run_id")
+        if executor is None or not run_id:
+            raise RuntimeError("the playground's turn was not admitted")
+        turn = {"messages": newest_user_messages(input["messages"])}
+        async for mode, data in executor.stream_attached(str(run_id), turn, ["messages", "updates"]):
+            if mode == "messages":
+                chunk, metadata = data
+                if metadata.get("langgraph_node") == "call_model" and isinstance(chunk.content, str):
+                    if chunk.content and not getattr(chunk, "tool_call_chunks", None):
+                        yield chunk.content
+            elif mode == "updates" and "__interrupt__" in data:
+                yield approval_text([{"value": i.value} for i in data["__interrupt__"]])
 
 
 def session_thread(request: Request) -> str:
@@ -92,5 +128,9 @@ async def admit_playground_turn(request: Request) -> AsyncIterator[None]:
         TurnInput.model_validate(turn)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        # LangChain's message classes raise these from inside validation for some
+        # malformed messages (a ToolMessageChunk without tool_call_id: KeyError).
+        raise HTTPException(422, f"input.messages holds a malformed message: {type(exc).__name__}: {exc}") from exc
     async with admitted(request, [(session_thread(request), turn)]):
         yield

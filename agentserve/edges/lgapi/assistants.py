@@ -42,7 +42,7 @@ async def info() -> dict[str, Any]:
     return {
         "version": "1.0.0",
         "langgraph_py_version": version("langgraph"),
-        "flags": {"assistants": True, "crons": False, "langsmith": False, "langsmith_tracing_replicas": False},
+        "flags": {"assistants": True, "crons": True, "langsmith": False, "langsmith_tracing_replicas": False},
         "host": {"kind": "self-hosted", "project_id": None, "revision_id": None, "tenant_id": None},
     }
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agentserve.decisions import BadDecision, parse_decision
 from agentserve.messages import as_human_message_dict
 
 STREAM_MODES = ("values", "updates", "messages-tuple", "events", "custom", "debug")
@@ -22,6 +23,18 @@ class CommandBody(Lenient):
     resume: Any = None
     update: Any = None
     goto: str | list[str] | None = None
+
+    @field_validator("resume")
+    @classmethod
+    def _understood_decision(cls, value: Any) -> Any:
+        """The only pause of this graph is a refund approval: its answer is checked
+        here, so a malformed one is a 422 and not a run."""
+        if value is not None:
+            try:
+                parse_decision(value)
+            except BadDecision as exc:
+                raise ValueError(str(exc)) from exc
+        return value
 
     @field_validator("goto")
     @classmethod

@@ -3,6 +3,7 @@ and delete, on a thread and stateless."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any, Literal
 
@@ -12,12 +13,13 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import StreamingResponse
 
 from agentserve.auth import CurrentPrincipal
-from agentserve.core.errors import NotFound
+from agentserve.core.errors import Invalid, NotFound
 from agentserve.core.executor import Executor
 from agentserve.core.identity import assistant_matches, thread_id_problem
 from agentserve.core.runs import Run
 from agentserve.core.service import RunRequest, RunService
 from agentserve.core.threads import iso
+from agentserve.core.webhooks import webhook_problem
 from agentserve.edges.lgapi.bodies import STREAM_MODES, CancelMany, RunCreate
 from agentserve.edges.lgapi.sse import event_stream, json_when_done, run_headers
 
@@ -59,17 +61,26 @@ def run_json(run: Run, *, stateless: bool = False) -> dict[str, Any]:
     }
 
 
-async def start(request: Request, tenant: str, thread_id: str | None, body: RunCreate) -> Run:
+async def start(
+    request: Request, tenant: str, thread_id: str | None, body: RunCreate, *, background: bool = False
+) -> Run:
     if not assistant_matches(body.assistant_id):
         raise NotFound(f"assistant {body.assistant_id!r} not found; this server serves 'agent'")
     if thread_id is None and body.command is not None and body.command.resume is not None:
         raise NotFound("You must provide a thread_id when resuming.")
+    if body.webhook:
+        allow_private = request.app.state.settings.WEBHOOK_ALLOW_PRIVATE
+        # It resolves the host name: off the event loop.
+        if problem := await asyncio.to_thread(webhook_problem, body.webhook, allow_private):
+            raise Invalid(f"webhook: {problem}")
     run_request = RunRequest(
         kwargs=body.kwargs(),
         strategy=body.multitask_strategy,
         if_not_exists=body.if_not_exists,
         metadata=body.metadata or {},
         webhook=body.webhook,
+        keep_events="idempotency-key" in request.headers,
+        background=background,
     )
     return await service_of(request).start(tenant, thread_id, run_request)
 
@@ -116,7 +127,7 @@ async def wait_stateless_run(request: Request, principal: CurrentPrincipal, body
 
 @router.post("/threads/{thread_id}/runs")
 async def create_run(request: Request, principal: CurrentPrincipal, thread_id: str, body: RunCreate) -> JSONResponse:
-    run = await start(request, principal.tenant, checked_thread_id(thread_id), body)
+    run = await start(request, principal.tenant, checked_thread_id(thread_id), body, background=True)
     return JSONResponse(
         run_json(run), headers={"Content-Location": run_headers(thread_id, run.run_id, "")["Content-Location"]}
     )
@@ -124,7 +135,7 @@ async def create_run(request: Request, principal: CurrentPrincipal, thread_id: s
 
 @router.post("/runs")
 async def create_stateless_run(request: Request, principal: CurrentPrincipal, body: RunCreate) -> JSONResponse:
-    run = await start(request, principal.tenant, None, body)
+    run = await start(request, principal.tenant, None, body, background=True)
     return JSONResponse(run_json(run, stateless=True), headers={"Content-Location": f"/runs/{run.run_id}"})
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from agentserve.auth import CurrentPrincipal
 from agentserve.core.errors import Invalid
@@ -119,7 +119,11 @@ async def post_history(
 
 @router.get("/threads/{thread_id}/history")
 async def get_history(
-    request: Request, principal: CurrentPrincipal, thread_id: str, limit: int = 10, before: str | None = None
+    request: Request,
+    principal: CurrentPrincipal,
+    thread_id: str,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 10,
+    before: Annotated[str | None, Query(max_length=100)] = None,
 ) -> list[dict[str, Any]]:
     body = HistoryRequest(limit=limit, before=before)
     return await post_history(request, principal, thread_id, body)

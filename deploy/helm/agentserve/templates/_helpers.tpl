@@ -72,7 +72,7 @@ toString would print as 2.147483647e+09: whole numbers are printed as integers.
 DATABASE_URL
 {{- end -}}
 {{- define "agentserve.optionalSecretKeys" -}}
-AGENT_API_KEY AGENT_API_KEYS JWT_SECRET SESSION_SECRET OPENAI_API_KEY LANGSMITH_API_KEY
+AGENT_API_KEY AGENT_API_KEYS JWT_SECRET SESSION_SECRET WEBHOOK_SECRET OPENAI_API_KEY LANGSMITH_API_KEY
 {{- end -}}
 
 {{/*
