@@ -129,3 +129,13 @@ def parse_decision(value: Any) -> Decision:
     if isinstance(value, dict) and set(value) <= {"approved", "reason"} and isinstance(value.get("approved"), bool):
         return Decision(approved=value["approved"], reason=_reason(value.get("reason")))
     raise BadDecision(ANSWER_HINT)
+
+
+def checked_decision(value: Any) -> Any:
+    """For request validators: the value unchanged, or ValueError saying what is wrong."""
+    if value is not None:
+        try:
+            parse_decision(value)
+        except BadDecision as exc:
+            raise ValueError(str(exc)) from exc
+    return value

@@ -7,7 +7,7 @@ from typing import Any
 from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agentserve.decisions import BadDecision, parse_decision
+from agentserve.decisions import checked_decision
 
 MAX_MESSAGES_PER_TURN = 20
 EITHER_MESSAGES_OR_RESUME = 'send either "messages" (a new turn) or "resume" (a decision on a pending action)'
@@ -56,12 +56,7 @@ class TurnInput(BaseModel):
     @field_validator("resume")
     @classmethod
     def _understood_decision(cls, value: Any) -> Any:
-        if value is not None:
-            try:
-                parse_decision(value)
-            except BadDecision as exc:
-                raise ValueError(str(exc)) from exc
-        return value
+        return checked_decision(value)
 
     @field_validator("messages", mode="before")
     @classmethod

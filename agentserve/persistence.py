@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata, CheckpointTuple
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from agentserve.metrics import CHECKPOINT_DURATION
@@ -253,10 +255,22 @@ class IdleConnectionCheck:
         self.returned_at[conn] = time.monotonic()
 
 
+def orjson_dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def use_fast_json() -> None:
+    """JSON columns through orjson instead of the standard library: every turn
+    writes the thread's state as JSON, and reads checkpoint metadata."""
+    set_json_dumps(orjson_dumps)
+    set_json_loads(orjson.loads)
+
+
 def create_pool(url: str, settings: Settings) -> AsyncConnectionPool[AsyncConnection[DictRow]]:
     """A pool that checks connections that sat idle before lending them and retires
     idle and old ones, so proxies that silently drop idle connections do not surface
     as errors."""
+    use_fast_json()
     idle_check = IdleConnectionCheck(after_idle_s=settings.DB_CHECK_AFTER_IDLE_S)
     return AsyncConnectionPool(
         url,

@@ -6,7 +6,8 @@ them at the end, also on errors and Ctrl-C.
 
 Sections (`--only`, comma-separated; all but soak by default):
   thread    one thread, --turns sequential turns (odd: tool, even: plain), zero model
-            latency, --workers workers; also the same turns in-process.
+            latency, --workers workers, the offline model in a process of its own
+            (as a provider is); also the same turns in-process.
   overhead  --conversations threads at once, --turns-per-conversation turns each, zero
             model latency, --workers workers; turns/s over HTTP vs in-process (each in
             its own process, so each has one core to itself), alternating for
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -42,7 +44,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -172,9 +174,26 @@ def size_rows(report: Report, section: str, samples: list[Sample]) -> None:
         report.row(section, f"response bytes, {kind} turns first / last", f"{sizes[0]} / {sizes[-1]}")
 
 
+@contextlib.contextmanager
+def provider_apart(args: argparse.Namespace) -> Iterator[dict[str, str]]:
+    """Server settings that send the model calls to an offline model in a process of
+    its own, as a real provider is: how the prompt's growth costs the provider is
+    then not counted as the server's work on its own core."""
+    with offline_model() as model:
+        yield {
+            **args.env,
+            "OPENAI_API_KEY": "offline",
+            "OPENAI_BASE_URL": model.url,
+            "OPENAI_MODEL": OFFLINE_MODEL_NAME,
+        }
+
+
 def thread_section(args: argparse.Namespace, db: Database, report: Report) -> None:
     progress(f"thread: {args.turns} turns on one thread, {args.workers} worker(s), zero model latency")
-    with running_server("thread", db, workers=args.workers, latency_ms=0, env=args.env) as server:
+    with (
+        provider_apart(args) as env,
+        running_server("thread", db, workers=args.workers, latency_ms=0, env=env) as server,
+    ):
         http = asyncio.run(with_clients(server, 1, lambda call: sequential_turns(call, args.turns, "http")))
     inprocess: list[Sample] = []
     if not args.no_inprocess:
@@ -406,7 +425,10 @@ def lgapi_overhead_section(args: argparse.Namespace, db: Database, report: Repor
 def lgapi_thread_section(args: argparse.Namespace, db: Database, report: Report) -> None:
     turns = args.lgapi_turns
     progress(f"lgapi-thread: {turns} turns on one thread through runs.wait, {args.workers} worker(s)")
-    with running_server("lgapi-thread", db, workers=args.workers, latency_ms=0, env=args.env) as server:
+    with (
+        provider_apart(args) as env,
+        running_server("lgapi-thread", db, workers=args.workers, latency_ms=0, env=env) as server,
+    ):
         if missing := lgapi_missing(server.url, TEST_KEY):
             report.row("lgapi-thread", "LangGraph API: last10 / first10", f"n/a: {missing}", "<= 1.5", False)
             report.data["lgapi-thread"] = {"missing": missing}

@@ -7,25 +7,14 @@ is under the "Thread History" heading, toasts come from sonner."""
 
 from __future__ import annotations
 
-import shutil
 import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from tests.support import ROOT
+from tests.support import CHROMIUM, ROOT
 from ui.build import setup_url
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = ROOT / "test-artifacts"
 ANSWER = "div.mr-auto.group > div.flex-col > div.py-1"
 HUMAN = "div.ml-auto.group > div.flex-col > p"

@@ -3,26 +3,15 @@ the real server with auth on: sign in, chat, reload, be remembered."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, TEST_KEY, ServerProcess
+from tests.support import BROWSER_ARGS, CHROMIUM, ROOT, TEST_KEY, ServerProcess
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = ROOT / "test-artifacts"
 
 playwright_api = pytest.importorskip("playwright.sync_api")

@@ -20,9 +20,9 @@ import psycopg
 import pytest
 import yaml
 
-from tests.chatui import ARTIFACTS, BROWSER_ARGS, CHROMIUM, ChatPage, chromium_missing
+from tests.chatui import ARTIFACTS, ChatPage, chromium_missing
 from tests.conftest import scratch_database
-from tests.support import ROOT, TEST_KEY, ServerProcess
+from tests.support import BROWSER_ARGS, CHROMIUM, ROOT, TEST_KEY, ServerProcess
 from ui import build
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # the first run installs and builds the UI

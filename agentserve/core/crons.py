@@ -33,7 +33,7 @@ from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from agentserve.core.errors import Invalid, NotFound, TooMany
-from agentserve.core.identity import ASSISTANT_ID, thread_id_in, thread_key_for
+from agentserve.core.identity import ASSISTANT_ID, is_uuid, thread_id_in, thread_key_for
 from agentserve.core.runs import ACTIVE_ON_THREAD, CHANNEL, REQUEST_CANCEL, THREAD_STAMP, Pool
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,6 @@ class CronPolicy:
 
 class ThreadGone(Exception):
     """A thread cron's thread was deleted."""
-
-
-def is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 class CronStore:

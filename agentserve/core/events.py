@@ -102,12 +102,20 @@ class Wakeups:
 
 @dataclass
 class LocalStream:
-    """The events of a run executing on this worker, for followers here."""
+    """The events of a run executing on this worker, for followers here. While
+    nobody follows (a `wait`, a background run nobody streams) the run's chunks
+    need not be turned into JSON at all: `wanted` says whether anyone may read them."""
 
     run_id: str
     events: list[Event] = field(default_factory=list)
     done: bool = False
+    followers: int = 0
+    expected: bool = False  # a follower is on its way (the request that started the run)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def wanted(self) -> bool:
+        return self.expected or self.followers > 0
 
     def publish(self, event: Event) -> None:
         self.events.append(event)
@@ -119,17 +127,28 @@ class LocalStream:
 
     async def follow(self, after: int = 0) -> AsyncIterator[Event]:
         index = 0
-        while True:
-            while index < len(self.events):
-                event = self.events[index]
-                index += 1
-                if event.seq > after:
-                    yield event
+        self.followers += 1
+        try:
+            while True:
+                while index < len(self.events):
+                    event = self.events[index]
+                    index += 1
+                    if event.seq > after:
+                        yield event
+                if self.done:
+                    return
+                self._changed.clear()
+                if index < len(self.events):
+                    continue
+                await self._changed.wait()
+        finally:
+            self.followers -= 1
+
+    async def closed(self) -> None:
+        while not self.done:
+            self._changed.clear()
             if self.done:
                 return
-            self._changed.clear()
-            if index < len(self.events):
-                continue
             await self._changed.wait()
 
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
@@ -126,10 +127,13 @@ class Executor:
 
     # --- starting runs -------------------------------------------------------
 
-    def launch(self, run: Run, pending: Any = None, *, known_pending: bool = False) -> LocalStream:
+    def launch(
+        self, run: Run, pending: Any = None, *, known_pending: bool = False, followed: bool = False
+    ) -> LocalStream:
         """Execute a run this worker holds, in a task of its own: the request that
-        started it may go (`on_disconnect=continue`) and the run carries on."""
-        stream = LocalStream(run.run_id)
+        started it may go (`on_disconnect=continue`) and the run carries on.
+        `followed`: the caller is about to stream its events."""
+        stream = LocalStream(run.run_id, expected=followed)
         active = Active(run=run, task=None, stream=stream)
         self.active[run.run_id] = active
         active.task = asyncio.create_task(self._execute(active, pending, known_pending))
@@ -150,6 +154,10 @@ class Executor:
         def emit(event: str, data: Any) -> None:
             nonlocal seq
             seq += 1
+            if callable(data):
+                if not (run.store_events or stream.wanted):
+                    return  # nobody can read it: skip turning the state into JSON
+                data = data()
             item = Event(seq, event, data)
             stream.publish(item)
             if run.store_events:
@@ -220,7 +228,7 @@ class Executor:
                 async for mode, payload in self.turns.stream(
                     graph_input, config, modes, outcome, subgraphs=bool(kwargs.get("stream_subgraphs"))
                 ):
-                    emit(mode, api_payload(mode, payload, thread_id))
+                    emit(mode, partial(api_payload, mode, payload, thread_id))
         return await self._ending_of(run, config, outcome)
 
     async def _ending_of(self, run: Run, config: RunnableConfig, outcome: TurnOutcome) -> Ending:
@@ -370,8 +378,7 @@ class Executor:
         """The run once it has ended, from whichever worker ran it."""
         active = self.active.get(run.run_id)
         if active is not None and active.stream is not None:
-            async for _ in active.stream.follow():
-                pass
+            await active.stream.closed()
             if active.run.status in TERMINAL:
                 return active.run
         while True:

@@ -35,3 +35,12 @@ def thread_id_problem(thread_id: object) -> str | None:
 def assistant_matches(assistant_id: str) -> bool:
     """The one served assistant, named by its graph or by its id."""
     return assistant_id in (GRAPH_ID, ASSISTANT_ID)
+
+
+def is_uuid(value: str) -> bool:
+    """Run and cron ids are UUIDs; anything else names nothing."""
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

@@ -135,7 +135,7 @@ CANCEL_REQUESTS = "SELECT run_id, cancel_action FROM agent_runs WHERE run_id = A
 # statement, then a wake-up for whoever waits on the thread.
 FINISH = """
 WITH run AS (
-    UPDATE agent_runs SET status = %(status)s, output = COALESCE(%(output)s, output), error = %(error)s,
+    UPDATE agent_runs SET status = %(status)s, output = COALESCE(%(output)s, %(values)s, output), error = %(error)s,
         updated_at = now(), ended_at = now()
     WHERE run_id = %(run_id)s RETURNING run_id
 ), released AS (
@@ -407,7 +407,10 @@ class RunStore:
             "key": run.thread_key,
             "status": ending.status,
             "thread_status": ending.thread_status,
-            "output": Jsonb(ending.output) if ending.output is not None else None,
+            # The answer is the state itself unless the run paused: sent once, then.
+            "output": Jsonb(ending.output)
+            if ending.output is not None and ending.output is not ending.values
+            else None,
             "error": Jsonb(ending.error) if ending.error is not None else None,
             "record_state": ending.record_state,
             "values": Jsonb(ending.values) if ending.values is not None else None,

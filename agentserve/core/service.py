@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from agentserve.core.errors import Conflict, NotFound
 from agentserve.core.executor import Executor, decision_problem
-from agentserve.core.identity import thread_key_for
+from agentserve.core.identity import is_uuid, thread_key_for
 from agentserve.core.runs import TERMINAL, NewRun, Run, RunStore, Strategy
 from agentserve.core.threads import ThreadStore
 from agentserve.core.turns import graph_input_for
@@ -30,6 +30,8 @@ class RunRequest:
     keep_events: bool = False
     # A background run (`runs.create`): may be left to the queue's workers.
     background: bool = False
+    # The caller streams the run's events as it runs (`runs/stream`).
+    followed: bool = False
 
 
 def result_of(run: Run) -> dict[str, Any]:
@@ -90,7 +92,7 @@ class RunService:
         if problem := decision_problem(graph_input_for(run.kwargs), run.kwargs, submitted.pending):
             await self.store.withdraw(run)
             raise Conflict(f"thread {thread_id!r}: {problem}")
-        self.executor.launch(run, submitted.pending, known_pending=True)
+        self.executor.launch(run, submitted.pending, known_pending=True, followed=request.followed)
         return run
 
     async def get(self, tenant: str, thread_id: str, run_id: str) -> Run:
@@ -124,11 +126,3 @@ class RunService:
 
     async def result(self, run: Run) -> dict[str, Any]:
         return result_of(await self.executor.wait_until_done(run))
-
-
-def is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True

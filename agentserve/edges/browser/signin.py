@@ -19,13 +19,18 @@ def signin_page(next_path: str, error: str = "") -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Sign in</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:26rem;margin:5rem auto}}
-input{{width:100%;padding:.5rem;margin:.5rem 0}}.error{{color:#b00020}}</style></head>
+input{{width:100%;padding:.5rem;margin:.5rem 0}}.error{{color:#b00020}}
+.note{{color:#555;font-size:.9rem}}</style></head>
 <body><h1>Sign in to the agent</h1>{message}
 <form method="post" action="/signin">
 <label for="api_key">API key</label>
 <input id="api_key" name="api_key" type="password" autocomplete="off" required autofocus>
 <input type="hidden" name="next" value="{html.escape(next_path)}">
-<button type="submit">Sign in</button></form></body></html>"""
+<button type="submit">Sign in</button></form>
+<p class="note">The playground is LangServe's chat page: it keeps your conversation on the
+server (answers after a reload still know it), but it cannot load it back onto the page
+or show approvals. For the whole conversation after a reload, streaming and refund
+approvals, use the Agent Chat UI (see the README: <code>make chat-ui</code>).</p></body></html>"""
 
 
 router = APIRouter(tags=["playground"], include_in_schema=False)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agentserve.decisions import BadDecision, parse_decision
+from agentserve.decisions import checked_decision
 from agentserve.messages import as_human_message_dict
 
 STREAM_MODES = ("values", "updates", "messages-tuple", "events", "custom", "debug")
@@ -29,12 +29,7 @@ class CommandBody(Lenient):
     def _understood_decision(cls, value: Any) -> Any:
         """The only pause of this graph is a refund approval: its answer is checked
         here, so a malformed one is a 422 and not a run."""
-        if value is not None:
-            try:
-                parse_decision(value)
-            except BadDecision as exc:
-                raise ValueError(str(exc)) from exc
-        return value
+        return checked_decision(value)
 
     @field_validator("goto")
     @classmethod

@@ -62,7 +62,13 @@ def run_json(run: Run, *, stateless: bool = False) -> dict[str, Any]:
 
 
 async def start(
-    request: Request, tenant: str, thread_id: str | None, body: RunCreate, *, background: bool = False
+    request: Request,
+    tenant: str,
+    thread_id: str | None,
+    body: RunCreate,
+    *,
+    background: bool = False,
+    followed: bool = False,
 ) -> Run:
     if not assistant_matches(body.assistant_id):
         raise NotFound(f"assistant {body.assistant_id!r} not found; this server serves 'agent'")
@@ -81,6 +87,7 @@ async def start(
         webhook=body.webhook,
         keep_events="idempotency-key" in request.headers,
         background=background,
+        followed=followed,
     )
     return await service_of(request).start(tenant, thread_id, run_request)
 
@@ -103,13 +110,13 @@ def stream_response(request: Request, run: Run, thread_id: str | None, on_discon
 async def stream_run(
     request: Request, principal: CurrentPrincipal, thread_id: str, body: RunCreate
 ) -> EventSourceResponse:
-    run = await start(request, principal.tenant, checked_thread_id(thread_id), body)
+    run = await start(request, principal.tenant, checked_thread_id(thread_id), body, followed=True)
     return stream_response(request, run, thread_id, body.on_disconnect)
 
 
 @router.post("/runs/stream", response_model=None)
 async def stream_stateless_run(request: Request, principal: CurrentPrincipal, body: RunCreate) -> EventSourceResponse:
-    run = await start(request, principal.tenant, None, body)
+    run = await start(request, principal.tenant, None, body, followed=True)
     return stream_response(request, run, None, body.on_disconnect)
 
 
