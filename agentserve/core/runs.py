@@ -57,8 +57,10 @@ RUN_COLUMNS = """r.run_id, r.seq, r.tenant, r.thread_key, r.assistant_id, r.stat
 # Insert a run and, when its thread is free and nobody waits before it, take the
 # thread at once: the common case costs one round trip.
 SUBMIT = f"""
-WITH free AS (
-    SELECT 1 WHERE %(claim_now)s AND NOT {LEASED.format(key="%(key)s")}
+WITH known AS (
+    SELECT NOT %(must_exist)s OR EXISTS (SELECT 1 FROM agent_threads WHERE thread_key = %(key)s) AS ok
+), free AS (
+    SELECT 1 WHERE (SELECT ok FROM known) AND %(claim_now)s AND NOT {LEASED.format(key="%(key)s")}
         AND NOT EXISTS (SELECT 1 FROM agent_runs e WHERE e.thread_key = %(key)s
             AND ((e.status = 'pending' AND (NOT e.attached OR e.waiter_deadline > now()))
                  OR (e.status = 'running' AND e.durable)))
@@ -68,7 +70,7 @@ WITH free AS (
 ), thread AS (
     INSERT INTO agent_threads AS t (thread_key, tenant, thread_id, metadata, status)
     SELECT %(key)s, %(tenant)s, %(thread_id)s, %(stamp)s, 'busy'
-    WHERE %(queue)s OR EXISTS (SELECT 1 FROM lease)
+    WHERE (SELECT ok FROM known) AND (%(queue)s OR EXISTS (SELECT 1 FROM lease))
     ON CONFLICT (thread_key) DO UPDATE SET updated_at = now(), status = 'busy', metadata = t.metadata || %(stamp)s
     RETURNING pending
 )
@@ -80,7 +82,7 @@ SELECT %(run_id)s, %(tenant)s, %(key)s, %(assistant_id)s,
        CASE WHEN %(attached)s THEN now() + make_interval(secs => %(wait_s)s) END,
        CASE WHEN EXISTS (SELECT 1 FROM lease) THEN 1 ELSE 0 END,
        %(store_events)s OR NOT EXISTS (SELECT 1 FROM lease), %(temporary)s, %(webhook)s
-WHERE %(queue)s OR EXISTS (SELECT 1 FROM lease)
+WHERE (SELECT ok FROM known) AND (%(queue)s OR EXISTS (SELECT 1 FROM lease))
 RETURNING status, seq, created_at, (SELECT pending FROM thread) AS pending
 """
 # An attached waiter's turn: take the thread if this run is first in its line.
@@ -271,6 +273,8 @@ class NewRun:
     # False: leave it to the queue even when its thread is free (an `api` process
     # leaves background runs to the workers).
     claim_now: bool = True
+    # The thread must exist already (else nothing is stored and submit says None).
+    must_exist: bool = False
 
 
 @dataclass(frozen=True)
@@ -319,7 +323,8 @@ class RunStore:
 
     async def submit(self, new: NewRun) -> Submitted | None:
         """Store the run, taking its thread now if it is free. None when the thread
-        is busy and the strategy is not to queue (`reject`)."""
+        is busy and the strategy is not to queue (`reject`), or does not exist and
+        must."""
         params = {
             **self._params(),
             "run_id": new.run_id,
@@ -339,6 +344,7 @@ class RunStore:
             "webhook": new.webhook,
             "queue": new.strategy != "reject",
             "claim_now": new.claim_now,
+            "must_exist": new.must_exist,
         }
         async with self._claiming([new.tenant]) as conn:
             row = await (await conn.execute(SUBMIT, params)).fetchone()

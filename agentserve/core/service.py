@@ -61,8 +61,6 @@ class RunService:
         if thread_id is None:
             thread_id = str(uuid.uuid4())
             await self.threads.create(tenant, thread_id, {}, "raise")
-        elif request.if_not_exists == "reject":
-            await self.threads.get(tenant, thread_id)
         key = thread_key_for(tenant, thread_id)
         strategy = request.strategy
         if strategy in ("interrupt", "rollback"):
@@ -81,9 +79,12 @@ class RunService:
             temporary=temporary,
             webhook=request.webhook,
             claim_now=self.runs_background_here or not request.background,
+            # Checked in the same statement that stores the run: one round trip.
+            must_exist=not temporary and request.if_not_exists == "reject",
         )
         submitted = await self.store.submit(new)
         if submitted is None:
+            await self.threads.get(tenant, thread_id)  # NotFound when that was why
             raise Conflict(f"thread {thread_id!r} is busy with another run; multitask_strategy is 'reject'")
         run = submitted.run
         if not submitted.claimed:
