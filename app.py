@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import FrameType
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import RedirectResponse
 from langserve import add_routes
 from langserve.server import EndpointName
+from sse_starlette.sse import AppStatus
 from starlette.requests import Request
 
 from agent import TOOLS, build_graph, refund_tool
@@ -213,10 +217,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in tasks:
                 stack.callback(task.cancel)
             settle_garbage_collector(config.GC_GEN0_THRESHOLD)
+            drain_on_sigterm(app, config.SHUTDOWN_DRAIN_S)
             log.info("serving", extra={"path": "/agent", "role": config.ROLE})
             yield
             app.state.draining = True
-            await executor.shutdown()
+            await executor.shutdown(config.GRACEFUL_TIMEOUT_S)
         if tracing is not None:
             tracing.shutdown()  # flushes the spans still queued
 
@@ -269,6 +274,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(WorkerBalanceMiddleware)
     app.add_middleware(CorsFromSettings)
     return app
+
+
+def drain_on_sigterm(app: FastAPI, drain_s: float) -> None:
+    """On SIGTERM, answer /ready with 503 at once and keep serving for `drain_s`
+    before uvicorn stops accepting, so a load balancer takes this process out
+    before its socket goes away. Streams then finish within uvicorn's graceful
+    timeout (sse-starlette's own cancel-on-exit is turned off)."""
+    AppStatus.disable_automatic_graceful_drain()
+    uvicorn_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(uvicorn_handler) or threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+
+    def draining(sig: int, frame: FrameType | None) -> None:
+        app.state.draining = True
+        loop.call_soon_threadsafe(loop.call_later, drain_s, uvicorn_handler, sig, frame)
+
+    signal.signal(signal.SIGTERM, draining)
 
 
 def listen_kwargs(settings: Settings) -> dict[str, object]:

@@ -14,12 +14,15 @@ import hashlib
 import re
 from typing import Any
 
+from langchain_core.messages import HumanMessage
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentserve.auth import presented_key, principal_for, session_principal
 from agentserve.core.errors import Invalid
 from agentserve.core.idempotency import IdempotencyKeys, Previous
+from agentserve.core.identity import thread_key_for
+from agentserve.core.serialize import dumps
 from agentserve.middleware import send_json_error
 
 TURN_ROUTES = re.compile(r"^/(agent/(invoke|stream|batch)|threads/[^/]+/runs(/stream|/wait)?|runs(/stream|/wait)?)/?$")
@@ -60,7 +63,7 @@ class IdempotencyMiddleware:
         body = await self._read_body(receive)
         digest = hashlib.sha256(f"{scope['method']} {scope['path']}\n".encode() + body).hexdigest()
         keys: IdempotencyKeys = scope["app"].state.idempotency
-        replayed = self._replay_receive(body)
+        replayed = self._replay_receive(body, receive)
         try:
             while True:
                 if owner := await keys.claim(principal.tenant, text, digest):
@@ -71,8 +74,24 @@ class IdempotencyMiddleware:
                     await self._answer_again(previous, send)
                     return
                 if previous.state == "running" and not previous.alive and previous.run_id:
-                    await self._join(previous, scope, send)
-                    return
+                    if previous.run_durable:
+                        await self._join(previous, scope, receive, send)
+                        return
+                    if previous.run_status == "success" and scope["path"].rstrip("/") == "/agent/invoke":
+                        # The turn was stored and its worker died before the answer was
+                        # kept: answer from what it stored.
+                        await self._answer_from_state(scope, principal.tenant, previous, send)
+                        return
+                    if previous.run_status == "success":
+                        # Likewise, for a stream or batch: say so rather than run the
+                        # turn a second time.
+                        detail = (
+                            f"the first request with this Idempotency-Key stored its turn on thread "
+                            f"{previous.thread_id!r} but its answer was lost; read it with "
+                            f"GET /threads/{previous.thread_id}/state"
+                        )
+                        await send_json_error(send, 409, detail, [])
+                        return
                 # The first request is still in flight: wait for its answer, or for it
                 # to die, whichever comes first.
                 await asyncio.sleep(POLL_S)
@@ -89,18 +108,21 @@ class IdempotencyMiddleware:
                 return b"".join(chunks)
 
     @staticmethod
-    def _replay_receive(body: bytes) -> Receive:
+    def _replay_receive(body: bytes, receive: Receive | None = None) -> Receive:
+        """The body read already, then the client's own messages (its disconnect)."""
         sent = False
 
-        async def receive() -> Message:
+        async def replayed() -> Message:
             nonlocal sent
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
+            if receive is not None:
+                return await receive()
             await asyncio.Event().wait()  # as a client that keeps the connection open
             raise AssertionError("unreachable")
 
-        return receive
+        return replayed
 
     async def _first(self, keys: IdempotencyKeys, owner: str, scope: Scope, receive: Receive, send: Send) -> None:
         status = 500
@@ -109,13 +131,14 @@ class IdempotencyMiddleware:
         stored = 0
         completed = False
         renewal = asyncio.create_task(self._renew_forever(keys, owner))
+        # The routes store the run they start against this key (see core/runs.py).
+        scope.setdefault("state", {})["idempotency_owner"] = owner
 
         async def capture(message: Message) -> None:
             nonlocal status, headers, stored, completed
             if message["type"] == "http.response.start":
                 status, headers = message["status"], list(message.get("headers", []))
-                if 200 <= status < 300 and (run := run_in(headers)):
-                    await keys.attach_run(owner, *run)
+
             elif message["type"] == "http.response.body":
                 chunk = message.get("body", b"")
                 stored += len(chunk)
@@ -140,6 +163,21 @@ class IdempotencyMiddleware:
                     await asyncio.shield(keys.release(owner))
 
     @staticmethod
+    async def _answer_from_state(scope: Scope, tenant: str, previous: Previous, send: Send) -> None:
+        """`/agent/invoke`'s answer rebuilt from the thread: what the turn added is
+        what follows its last human message."""
+        thread_id = str(previous.thread_id)
+        graph = scope["app"].state.turns.graph
+        snapshot = await graph.aget_state({"configurable": {"thread_id": thread_key_for(tenant, thread_id)}})
+        messages = list(snapshot.values.get("messages", []))
+        start = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1) + 1
+        output = {"thread_id": thread_id, "messages": messages[start:]}
+        body = dumps({"output": output, "metadata": {"run_id": previous.run_id, "feedback_tokens": []}})
+        headers = [(b"content-type", b"application/json"), (b"idempotent-replayed", b"true")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
     async def _renew_forever(keys: IdempotencyKeys, owner: str) -> None:
         while True:
             await asyncio.sleep(keys.lease_s / 3)
@@ -153,7 +191,7 @@ class IdempotencyMiddleware:
         await send({"type": "http.response.start", "status": previous.status_code or 200, "headers": headers})
         await send({"type": "http.response.body", "body": previous.body or b""})
 
-    async def _join(self, previous: Previous, scope: Scope, send: Send) -> None:
+    async def _join(self, previous: Previous, scope: Scope, receive: Receive, send: Send) -> None:
         """The first request's process died but its run lives on (taken up by another
         worker): answer as that route would, by joining the run."""
         base = (
@@ -177,4 +215,4 @@ class IdempotencyMiddleware:
             "query_string": b"",
             "headers": headers + extra,
         }
-        await self.app(joined, self._replay_receive(b""), send)
+        await self.app(joined, self._replay_receive(b"", receive), send)

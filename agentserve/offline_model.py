@@ -348,7 +348,11 @@ async def serve_offline_model(
     latency_ms: float = 0.0, failure_rate: float = 0.0, seed: int | None = None
 ) -> AsyncIterator[str]:
     app = create_offline_model_app(latency_ms=latency_ms, failure_rate=failure_rate, seed=seed)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    # No log_config and no log_level: uvicorn would otherwise set up, and turn down,
+    # the loggers of the server this runs inside (its own shutdown lines, its format).
+    config = uvicorn.Config(
+        app, log_level=None, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+    )
     server = _EmbeddedServer(config)
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets that say they
     # are TCP, and without it every response waits ~40 ms for a delayed ACK.

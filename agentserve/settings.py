@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     PORT: int = 8000
     WEB_CONCURRENCY: int = Field(default=2, ge=1)
     GRACEFUL_TIMEOUT_S: int = Field(default=120, ge=1)
+    # After SIGTERM, /ready answers 503 for this long before the process stops
+    # accepting, so a load balancer checking /ready takes it out first (Kubernetes
+    # does this with the chart's preStop sleep instead).
+    SHUTDOWN_DRAIN_S: float = Field(default=0.0, ge=0)
     MAX_REQUESTS: int = Field(default=0, ge=0)
     MAX_BODY_BYTES: int = Field(default=256 * 1024, ge=1024)
     # Allocations between young garbage collections (Python's default: 700). A turn

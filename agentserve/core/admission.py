@@ -66,7 +66,9 @@ class Admission:
             ) from exc
 
     @contextlib.asynccontextmanager
-    async def admitted(self, tenant: str, turns: Sequence[TurnRequest]) -> AsyncIterator[dict[str, str]]:
+    async def admitted(
+        self, tenant: str, turns: Sequence[TurnRequest], idempotency_owner: str | None = None
+    ) -> AsyncIterator[dict[str, str]]:
         """Holds each thread of the turns for the block; yields thread id -> run id.
         Threads are taken in sorted order, so two requests wanting overlapping sets
         cannot each hold half."""
@@ -76,8 +78,10 @@ class Admission:
             by_thread.setdefault(turn.thread_id, []).append(turn)
         runs: list[Run] = []
         try:
-            for thread_id in sorted(by_thread):
-                run = await self._take(tenant, thread_id, by_thread[thread_id])
+            for index, thread_id in enumerate(sorted(by_thread)):
+                # The key's run is the first thread's: one run to look at on a retry.
+                owner = idempotency_owner if index == 0 else None
+                run = await self._take(tenant, thread_id, by_thread[thread_id], owner)
                 runs.append(run)
                 self.executor.attach(run)
         except BaseException:
@@ -94,7 +98,7 @@ class Admission:
             for run in runs:
                 await self.executor.finish_attached(run.run_id, failure)
 
-    async def _take(self, tenant: str, thread_id: str, turns: list[TurnRequest]) -> Run:
+    async def _take(self, tenant: str, thread_id: str, turns: list[TurnRequest], idempotency_owner: str | None) -> Run:
         key = thread_key_for(tenant, thread_id)
         new = NewRun(
             tenant=tenant,
@@ -103,6 +107,7 @@ class Admission:
             strategy="enqueue" if self.policy.busy == "enqueue" else "reject",
             durable=False,
             attached=True,
+            idempotency_owner=idempotency_owner,
         )
         submitted = await self.store.submit(new)
         if submitted is None:

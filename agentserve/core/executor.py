@@ -123,6 +123,7 @@ class Executor:
         # Called (in a task of their own, never awaited by the run) when a run this
         # worker executed has ended and its end is stored: webhooks hang here.
         self.on_end: list[Callable[[Run], Coroutine[Any, Any, None]]] = []
+        self.stopping = False  # shutting down: take nothing more from the queue
         wakeups.on_notify(self._on_notify)
 
     # --- starting runs -------------------------------------------------------
@@ -148,7 +149,9 @@ class Executor:
     async def _execute(self, active: Active, pending: Any, known_pending: bool) -> None:
         run, stream = active.run, active.stream
         assert stream is not None
-        seq = 0
+        # A retaken run numbers its events after what its earlier attempt stored, so
+        # a follower's Last-Event-ID still means the same place.
+        seq = await self.events.last_seq(run.run_id) if run.attempts > 1 and run.store_events else 0
         flusher = asyncio.create_task(self._flush_forever(active)) if run.store_events else None
 
         def emit(event: str, data: Any) -> None:
@@ -186,14 +189,21 @@ class Executor:
             ending = Ending(status="error", thread_status="error", error=error_payload(exc))
         finally:
             self.active.pop(run.run_id, None)
-        if ending.status != "rolled_back":
-            await self._finish(run, ending)
-        emit("end", {"run_id": run.run_id, "status": run.status if ending.status != "rolled_back" else "interrupted"})
+        # `end` is stored before the run is marked ended (a follower elsewhere that
+        # sees the run ended has every event), and shown here after (a follower here
+        # that sees `end` finds the thread free for its next run).
+        seq += 1
+        status = "interrupted" if ending.status == "rolled_back" else ending.status
+        end = Event(seq, "end", {"run_id": run.run_id, "status": status})
         if flusher is not None:
+            active.buffered.append(end)
             # Not cancelled: a cancel during a write would lose the batch in flight.
             active.closing = True
             await flusher
             await self._flush(active)
+        if ending.status != "rolled_back":
+            await self._finish(run, ending)
+        stream.publish(end)
         stream.close()
         if ending.status != "rolled_back":
             self._announce_end(run)
@@ -229,7 +239,12 @@ class Executor:
                     graph_input, config, modes, outcome, subgraphs=bool(kwargs.get("stream_subgraphs"))
                 ):
                     emit(mode, partial(api_payload, mode, payload, thread_id))
-        return await self._ending_of(run, config, outcome)
+        ending = await self._ending_of(run, config, outcome)
+        if graph_input is _ALREADY_DONE and "values" in modes:
+            # The earlier attempt stored the turn and died before saying so: its
+            # followers still get the final values.
+            emit("values", ending.output)
+        return ending
 
     async def _ending_of(self, run: Run, config: RunnableConfig, outcome: TurnOutcome) -> Ending:
         """How the run ended, from what it streamed; the stored state is read only
@@ -359,11 +374,13 @@ class Executor:
             if current is None or current.status in TERMINAL:
                 if events := await self.events.read(run.run_id, after):
                     continue
-                # Its events are gone (kept for a while only): what it ended with.
+                # Its events are gone (kept for a while only), or were never stored:
+                # what it ended with.
                 if current is not None and current.output is not None and after == 0:
-                    yield Event(after + 1, "values", current.output)
+                    after += 1
+                    yield Event(after, "values", current.output)
                 status = current.status if current else "interrupted"
-                yield Event(after + 2, "end", {"run_id": run.run_id, "status": status})
+                yield Event(after + 1, "end", {"run_id": run.run_id, "status": status})
                 return
             await self.wakeups.wait(f"run:{run.run_id}", wait_s)
 
@@ -439,7 +456,9 @@ class Executor:
                 if time.monotonic() > next_cleanup:
                     next_cleanup = time.monotonic() + 5 * self.policy.poll_s
                     await self.store.end_abandoned()
-                while len(self.active) < self.policy.jobs and (run := await self.store.claim_next()):
+                while (
+                    not self.stopping and len(self.active) < self.policy.jobs and (run := await self.store.claim_next())
+                ):
                     if run.attempts > self.policy.max_attempts:
                         await self._give_up(run)
                         continue
@@ -469,10 +488,22 @@ class Executor:
         except Exception:  # followers elsewhere miss these; local ones have them
             log.warning("could not store %d events of run %s", len(events), active.run.run_id, exc_info=True)
 
-    async def shutdown(self) -> None:
-        for active in list(self.active.values()):
-            if active.task is not None and active.stream is not None:
+    async def shutdown(self, grace_s: float) -> None:
+        """Let this worker's runs finish for up to `grace_s`, then stop the rest and
+        put them back in the queue, so another worker takes them up at once rather
+        than when their leases expire."""
+        self.stopping = True
+        running = [a for a in self.active.values() if a.task is not None and a.stream is not None]
+        if running:
+            await asyncio.wait([a.task for a in running if a.task], timeout=grace_s)
+        for active in running:
+            if active.task is not None and not active.task.done():
                 active.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await active.task
+                with contextlib.suppress(Exception):
+                    await self.store.requeue(active.run)
+                log.warning("run %s put back in the queue at shutdown", active.run.run_id)
 
 
 _ALREADY_DONE = object()

@@ -30,11 +30,21 @@ ON CONFLICT (tenant, key) DO UPDATE
     -- A key past the retention window is free again; one whose first request died
     -- before starting a durable run may be taken over by a retry of the same request.
     WHERE i.created_at < now() - make_interval(secs => %(retention_s)s)
-       OR (i.state = 'running' AND i.expires_at < now() AND i.run_id IS NULL AND i.request_hash = EXCLUDED.request_hash)
+       OR (i.state = 'running' AND i.expires_at < now() AND i.request_hash = EXCLUDED.request_hash AND (
+           i.run_id IS NULL
+           OR NOT EXISTS (SELECT 1 FROM agent_runs r WHERE r.run_id = i.run_id)
+           -- a LangServe turn whose worker died before the turn was stored
+           OR EXISTS (SELECT 1 FROM agent_runs r WHERE r.run_id = i.run_id AND NOT r.durable
+                      AND (r.status IN ('error', 'interrupted', 'timeout')
+                           OR (r.status = 'running' AND NOT EXISTS (
+                               SELECT 1 FROM agent_thread_leases l WHERE l.holder = r.run_id
+                                 AND l.expires_at > now()))))))
 RETURNING owner
 """
-READ = """SELECT request_hash, state, expires_at > now() AS alive, thread_id, run_id, status_code, headers, body
-          FROM agent_idempotency WHERE tenant = %s AND key = %s"""
+READ = """SELECT i.request_hash, i.state, i.expires_at > now() AS alive, i.thread_id, i.run_id, i.status_code,
+                 i.headers, i.body, r.durable AS run_durable, r.status AS run_status
+          FROM agent_idempotency i LEFT JOIN agent_runs r ON r.run_id = i.run_id
+          WHERE i.tenant = %s AND i.key = %s"""
 RENEW = "UPDATE agent_idempotency SET expires_at = now() + make_interval(secs => %s) WHERE owner = %s"
 ATTACH_RUN = "UPDATE agent_idempotency SET thread_id = %s, run_id = %s WHERE owner = %s"
 COMPLETE = """UPDATE agent_idempotency SET state = 'done', status_code = %s, headers = %s, body = %s
@@ -53,6 +63,8 @@ class Previous:
     status_code: int | None = None
     headers: list[list[str]] | None = None
     body: bytes | None = None
+    run_durable: bool | None = None
+    run_status: str | None = None
 
 
 class IdempotencyKeys:
@@ -95,6 +107,8 @@ class IdempotencyKeys:
             status_code=row["status_code"],
             headers=row["headers"],
             body=bytes(row["body"]) if row["body"] is not None else None,
+            run_durable=row["run_durable"],
+            run_status=row["run_status"],
         )
 
     async def renew(self, owner: str) -> None:

@@ -73,6 +73,13 @@ WITH known AS (
     WHERE (SELECT ok FROM known) AND (%(queue)s OR EXISTS (SELECT 1 FROM lease))
     ON CONFLICT (thread_key) DO UPDATE SET updated_at = now(), status = 'busy', metadata = t.metadata || %(stamp)s
     RETURNING pending
+), keyed AS (
+    -- The request's idempotency key learns its run in the same statement that
+    -- stores the run: a retry never finds a key whose run it cannot see.
+    UPDATE agent_idempotency SET run_id = %(run_id)s, thread_id = %(thread_id)s
+    WHERE %(idempotency_owner)s::uuid IS NOT NULL AND owner = %(idempotency_owner)s::uuid
+      AND (SELECT ok FROM known) AND (%(queue)s OR EXISTS (SELECT 1 FROM lease))
+    RETURNING 1
 )
 INSERT INTO agent_runs (run_id, tenant, thread_key, assistant_id, status, kwargs, metadata, multitask_strategy,
                         durable, attached, waiter_deadline, attempts, store_events, temporary, webhook)
@@ -166,6 +173,13 @@ thread AS (
     FROM gone WHERE t.thread_key = gone.thread_key RETURNING 1
 )
 SELECT pg_notify(%(channel)s, 'thread:' || thread_key) FROM gone
+"""
+# A run this worker stops at shutdown: back to waiting, first in its thread's line.
+REQUEUE = """
+WITH released AS (DELETE FROM agent_thread_leases WHERE holder = %(run_id)s RETURNING thread_key)
+UPDATE agent_runs SET status = 'pending', updated_at = now()
+WHERE run_id = %(run_id)s AND status = 'running' AND durable
+RETURNING pg_notify(%(channel)s, 'run:' || run_id)
 """
 GET = f"SELECT {RUN_COLUMNS} FROM agent_runs r WHERE r.run_id = %(run_id)s AND r.thread_key = %(key)s"
 GET_ANY = f"SELECT {RUN_COLUMNS} FROM agent_runs r WHERE r.run_id = %(run_id)s AND r.tenant = %(tenant)s"
@@ -275,6 +289,8 @@ class NewRun:
     claim_now: bool = True
     # The thread must exist already (else nothing is stored and submit says None).
     must_exist: bool = False
+    # The idempotency key (its owner token) of the request that starts this run.
+    idempotency_owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -345,6 +361,7 @@ class RunStore:
             "queue": new.strategy != "reject",
             "claim_now": new.claim_now,
             "must_exist": new.must_exist,
+            "idempotency_owner": new.idempotency_owner,
         }
         async with self._claiming([new.tenant]) as conn:
             row = await (await conn.execute(SUBMIT, params)).fetchone()
@@ -428,6 +445,10 @@ class RunStore:
         run.status, run.error = ending.status, ending.error
         if ending.output is not None:
             run.output = ending.output
+
+    async def requeue(self, run: Run) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(REQUEUE, {"run_id": run.run_id, "channel": CHANNEL})
 
     async def withdraw(self, run: Run) -> None:
         """Remove a run that was refused before it did anything, and free its thread."""

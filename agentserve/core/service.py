@@ -32,6 +32,7 @@ class RunRequest:
     background: bool = False
     # The caller streams the run's events as it runs (`runs/stream`).
     followed: bool = False
+    idempotency_owner: str | None = None
 
 
 def result_of(run: Run) -> dict[str, Any]:
@@ -81,6 +82,7 @@ class RunService:
             claim_now=self.runs_background_here or not request.background,
             # Checked in the same statement that stores the run: one round trip.
             must_exist=not temporary and request.if_not_exists == "reject",
+            idempotency_owner=request.idempotency_owner,
         )
         submitted = await self.store.submit(new)
         if submitted is None:

@@ -170,7 +170,8 @@ async def admitted(request: Request, turns: list[tuple[str, Any]]) -> AsyncItera
     request.state.thread_hash = ",".join(hashlib.sha256(key.encode()).hexdigest()[:12] for key in keys)
     waiting = time.perf_counter()
     try:
-        async with admission.admitted(tenant, turn_requests(turns)) as run_ids:
+        owner = getattr(request.state, "idempotency_owner", None)
+        async with admission.admitted(tenant, turn_requests(turns), owner) as run_ids:
             THREAD_WAIT.observe(time.perf_counter() - waiting)
             request.state.run_ids = run_ids
             yield

@@ -88,6 +88,7 @@ async def start(
         keep_events="idempotency-key" in request.headers,
         background=background,
         followed=followed,
+        idempotency_owner=getattr(request.state, "idempotency_owner", None),
     )
     return await service_of(request).start(tenant, thread_id, run_request)
 
