@@ -159,7 +159,7 @@ def build_graph(
     checkpointer: BaseCheckpointSaver | None = None,
     *,
     tools: Sequence[BaseTool] = TOOLS,
-    context_messages: int = 40,
+    context_messages: int = 24,
     breaker: CircuitBreaker | None = None,
 ) -> CompiledStateGraph:
     bound_model = model.bind_tools(list(tools))

@@ -106,8 +106,11 @@ class Settings(BaseSettings):
     # After this many model calls fail in a row, answer 503 at once for a while.
     MODEL_BREAKER_THRESHOLD: int = Field(default=5, ge=1)
     MODEL_BREAKER_COOLDOWN_S: float = Field(default=15.0, gt=0)
-    # How many recent messages the model sees; the whole transcript stays stored.
-    CONTEXT_MESSAGES: int = Field(default=40, ge=4)
+    # How many recent messages the model sees (about 8 turns with tool calls); the
+    # whole transcript stays stored. The state holds this and a quarter more, so a
+    # turn costs the same at turn 200 as at turn 10: a larger window buys the model
+    # more context at a per-turn cost that grows with it.
+    CONTEXT_MESSAGES: int = Field(default=24, ge=4)
     # When a run's progress is written. "exit": once, when the run answers, pauses
     # for approval or fails; a run cut off (worker killed, client gone from a stream)
     # leaves nothing behind and is simply sent again. It saves most of the per-step

@@ -7,7 +7,9 @@ them at the end, also on errors and Ctrl-C.
 Sections (`--only`, comma-separated; all but soak by default):
   thread    one thread, --turns sequential turns (odd: tool, even: plain), zero model
             latency, --workers workers, the offline model in a process of its own
-            (as a provider is); also the same turns in-process.
+            (as a provider is); its last 10 turns alternate with turns 1-10 of a
+            fresh thread, which are the "turns 1-10" (same seconds, same machine
+            state); also the same turns in-process.
   overhead  --conversations threads at once, --turns-per-conversation turns each, zero
             model latency, --workers workers; turns/s over HTTP vs in-process (each in
             its own process, so each has one core to itself), alternating for

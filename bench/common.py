@@ -146,10 +146,21 @@ async def timed(call: Call, conversation: int, thread: str, turn: Turn) -> Sampl
 
 
 async def sequential_turns(call: Call, turns: int, tag: str) -> list[Sample]:
-    """One thread, `turns` turns one after another (after 3 warm-up turns elsewhere)."""
+    """One thread, `turns` turns one after another (after 3 warm-up turns elsewhere).
+
+    The thread's last 10 turns alternate with turns 1-10 of a fresh thread, and
+    those stand as "turns 1-10": first and last are then measured in the same
+    seconds, so the machine's drift from minute to minute (often larger here than
+    what is measured) falls on both alike."""
     for i in range(1, 4):
         await timed(call, 0, f"{tag}-warm-up", thread_turn(i))
-    return [await timed(call, 0, f"{tag}-thread", thread_turn(i)) for i in range(1, turns + 1)]
+    tail = min(10, turns // 2)
+    samples = [await timed(call, 0, f"{tag}-thread", thread_turn(i)) for i in range(1, turns - tail + 1)]
+    fresh: list[Sample] = []
+    for i in range(1, tail + 1):
+        fresh.append(await timed(call, 0, f"{tag}-fresh", thread_turn(i)))
+        samples.append(await timed(call, 0, f"{tag}-thread", thread_turn(turns - tail + i)))
+    return fresh + samples[tail:]
 
 
 @dataclass

@@ -22,10 +22,10 @@ from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from agentserve.core.runs import CHANNEL
+from agentserve.core.serialize import as_jsonb
 
 log = logging.getLogger(__name__)
 Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
@@ -161,7 +161,7 @@ class EventLog:
     async def append(self, run_id: str, events: list[Event]) -> None:
         if not events:
             return
-        rows = [(run_id, e.seq, e.event, Jsonb(e.data)) for e in events]
+        rows = [(run_id, e.seq, e.event, as_jsonb(e.data)) for e in events]
         async with self.pool.connection() as conn:
             async with conn.cursor() as cur:
                 await cur.executemany(APPEND, rows)

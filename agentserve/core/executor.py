@@ -25,7 +25,7 @@ from agentserve.core.errors import RunCancelled, RunTimedOut
 from agentserve.core.events import Event, EventLog, LocalStream, Wakeups
 from agentserve.core.identity import thread_id_in
 from agentserve.core.runs import CHANNEL, TERMINAL, Ending, Pool, Run, RunStore
-from agentserve.core.serialize import jsonable
+from agentserve.core.serialize import json_text, jsonable, plain
 from agentserve.core.turns import TurnOutcome, TurnRunner, graph_input_for, interrupts_of
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class Executor:
         if graph_input is _ALREADY_DONE and "values" in modes:
             # The earlier attempt stored the turn and died before saying so: its
             # followers still get the final values.
-            emit("values", ending.output)
+            emit("values", plain(ending.output))
         return ending
 
     async def _ending_of(self, run: Run, config: RunnableConfig, outcome: TurnOutcome) -> Ending:
@@ -255,9 +255,9 @@ class Executor:
             values = jsonable(snapshot.values)
             interrupts = {task.id: interrupts_of(task.interrupts) for task in snapshot.tasks if task.interrupts}
         else:
-            values = jsonable(outcome.values)
+            values = json_text(outcome.values)
         pending = [i for items in interrupts.values() for i in items]
-        output = {**values, "__interrupt__": pending} if pending else values
+        output = {**plain(values), "__interrupt__": pending} if pending else values
         return Ending(
             status="success",
             thread_status="interrupted" if pending else "idle",

@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from agentserve.core.identity import ASSISTANT_ID, GRAPH_ID, thread_id_in
+from agentserve.core.serialize import as_jsonb
 
 Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
 Strategy = Literal["reject", "enqueue", "interrupt", "rollback"]
@@ -431,12 +432,12 @@ class RunStore:
             "status": ending.status,
             "thread_status": ending.thread_status,
             # The answer is the state itself unless the run paused: sent once, then.
-            "output": Jsonb(ending.output)
+            "output": as_jsonb(ending.output)
             if ending.output is not None and ending.output is not ending.values
             else None,
             "error": Jsonb(ending.error) if ending.error is not None else None,
             "record_state": ending.record_state,
-            "values": Jsonb(ending.values) if ending.values is not None else None,
+            "values": as_jsonb(ending.values) if ending.values is not None else None,
             "interrupts": Jsonb(ending.interrupts),
             "pending": Jsonb(ending.pending) if ending.pending else None,
         }

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from langgraph.types import Interrupt
+from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 
@@ -41,3 +42,24 @@ def dumps(value: Any) -> bytes:
 def jsonable(value: Any) -> Any:
     """The value as plain dicts, lists and scalars."""
     return orjson.loads(dumps(value))
+
+
+class JsonText(str):
+    """A value already serialized to JSON: stored and sent as it is. A turn's final
+    state is turned into JSON once, not once per place it goes."""
+
+
+def json_text(value: Any) -> JsonText:
+    return JsonText(dumps(value).decode())
+
+
+def json_bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, JsonText) else dumps(value)
+
+
+def as_jsonb(value: Any) -> Jsonb:
+    return Jsonb(value, dumps=str) if isinstance(value, JsonText) else Jsonb(value)
+
+
+def plain(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, JsonText) else value

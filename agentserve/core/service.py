@@ -12,6 +12,7 @@ from agentserve.core.errors import Conflict, NotFound
 from agentserve.core.executor import Executor, decision_problem
 from agentserve.core.identity import is_uuid, thread_key_for
 from agentserve.core.runs import TERMINAL, NewRun, Run, RunStore, Strategy
+from agentserve.core.serialize import JsonText
 from agentserve.core.threads import ThreadStore
 from agentserve.core.turns import graph_input_for
 
@@ -35,14 +36,14 @@ class RunRequest:
     idempotency_owner: str | None = None
 
 
-def result_of(run: Run) -> dict[str, Any]:
+def result_of(run: Run) -> dict[str, Any] | JsonText:
     """What `wait` and `join` answer: the final values (with `__interrupt__` when
     paused), or `__error__` when the run failed."""
     if run.status in ("error", "timeout") and run.error:
         return {"__error__": run.error}
     if run.status == "interrupted":
         return {"__error__": {"error": "RunCancelled", "message": "the run was cancelled"}}
-    return run.output if isinstance(run.output, dict) else {}
+    return run.output if isinstance(run.output, dict | JsonText) else {}
 
 
 class RunService:
@@ -127,5 +128,5 @@ class RunService:
             raise Conflict(f"run {run.run_id} is running; cancel it first")
         await self.store.delete(run.thread_key, run.run_id)
 
-    async def result(self, run: Run) -> dict[str, Any]:
+    async def result(self, run: Run) -> dict[str, Any] | JsonText:
         return result_of(await self.executor.wait_until_done(run))

@@ -42,7 +42,7 @@ class TurnRunner:
     graph: CompiledStateGraph
     transcript: Transcript
     max_steps: int = 12
-    context_messages: int = 40
+    context_messages: int = 24
     run_timeout_s: float = 120.0
     durability: Durability = "exit"
 
@@ -149,9 +149,9 @@ class TurnRunner:
 
     async def compact(self, config: RunnableConfig, messages: list[AnyMessage]) -> None:
         """Move old messages from the state to the transcript once the state holds
-        the context window and half as much again, so checkpoints stop growing with
-        the thread; in batches, so the extra checkpoint write is rare."""
-        limit = self.context_messages + max(4, self.context_messages // 2)
+        the context window and a quarter more, so checkpoints stop growing with the
+        thread; in batches, so the extra checkpoint write is rare."""
+        limit = self.context_messages + max(4, self.context_messages // 4)
         if len(messages) <= limit:
             return
         cut = archivable_prefix(messages, self.context_messages)

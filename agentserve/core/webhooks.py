@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from agentserve.core.runs import RUN_COLUMNS, Pool, Run
+from agentserve.core.serialize import plain
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def webhook_body(run: Run) -> bytes:
         "multitask_strategy": run.multitask_strategy,
         "attempt": run.attempts,
         "error": run.error,
-        "values": run.output,
+        "values": plain(run.output),
     }
     return json.dumps(payload, separators=(",", ":"), default=str).encode()
 

@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import StreamingResponse
 
 from agentserve.core.events import Event
-from agentserve.core.serialize import dumps
+from agentserve.core.serialize import json_bytes
 
 HEARTBEAT_S = 5.0
 
@@ -52,7 +52,7 @@ def event_stream(
                     )
                 ):
                     continue
-                data = dumps(event.data).decode()
+                data = json_bytes(event.data).decode()
                 yield ServerSentEvent(data=data, event=event.event, id=str(event.seq) if with_ids else None)
         finally:
             if not ended and on_disconnect is not None:
@@ -63,7 +63,7 @@ def event_stream(
     return EventSourceResponse(frames(), headers=headers, ping=HEARTBEAT_S, ping_message_factory=heartbeat, sep="\r\n")
 
 
-def json_when_done(result: Awaitable[dict[str, Any]], headers: dict[str, str]) -> StreamingResponse:
+def json_when_done(result: Awaitable[Any], headers: dict[str, str]) -> StreamingResponse:
     """The final JSON once the run ends; a newline every few seconds meanwhile keeps
     proxies and clients from timing out (JSON parsers skip leading whitespace)."""
 
@@ -73,7 +73,7 @@ def json_when_done(result: Awaitable[dict[str, Any]], headers: dict[str, str]) -
             while True:
                 done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_S)
                 if done:
-                    yield dumps(task.result())
+                    yield json_bytes(task.result())
                     return
                 yield b"\n"
         finally:
