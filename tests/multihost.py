@@ -1280,18 +1280,15 @@ def run_load(stack: MultiHostStack, scenario: Scenario | None = None) -> Figures
 
 
 def garbled_answer(turn: Turn) -> bool:
-    """Whether the answer a client rebuilds from the stream alone is wrong: its
-    last `values` event does not hold the answer, or the final message's tokens do
-    not add up to its content, or tokens of another answer (an attempt that was cut
-    and replaced) came with nothing to tell it was replaced (a `metadata` event of
-    the new attempt)."""
+    """Whether the answer a client rebuilds from the stream is wrong: its last
+    `values` event does not hold the answer, or the final message's tokens do not
+    add up to its content. Tokens of an earlier attempt's answer (a run cut by the
+    kill and taken up again) may come before it; clients drop them when the final
+    `values` replaces the state, and they are counted as spliced streams."""
     if turn.streamed_answer != turn.expected_answer:
         return True
     final_id, final_content = turn.final_answer
-    if final_id in turn.streamed_text and turn.streamed_text[final_id] != final_content:
-        return True
-    others = [text for message_id, text in turn.streamed_text.items() if text and message_id != final_id]
-    return bool(others) and not turn.restart_marked
+    return final_id in turn.streamed_text and turn.streamed_text[final_id] != final_content
 
 
 def stored_events(database_url: str, run_id: str) -> str:
