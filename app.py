@@ -31,7 +31,7 @@ from agentserve.core.crons import CronPolicy, CronStore
 from agentserve.core.events import EventLog, Wakeups
 from agentserve.core.executor import Executor, ExecutorPolicy
 from agentserve.core.idempotency import IdempotencyKeys
-from agentserve.core.leases import LeasePolicy, ThreadLeases
+from agentserve.core.leases import ThreadLeases
 from agentserve.core.refunds import RefundLedger
 from agentserve.core.retention import RetentionPolicy, sweep_forever
 from agentserve.core.runs import RunStore
@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     renew_s=config.THREAD_LEASE_TTL_S / 3,
                 ),
             )
-            threads = ThreadStore(pool, graph)
+            threads = ThreadStore(pool, graph, ThreadLeases(pool, config.THREAD_LEASE_TTL_S))
             admission = Admission(
                 pool,
                 store,
@@ -205,7 +205,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             stack.push_async_callback(webhooks.aclose)
             executor.on_end.append(webhooks.on_run_end)
-            app.state.leases = ThreadLeases(pool, LeasePolicy(ttl_s=config.THREAD_LEASE_TTL_S, wait_s=0.0))
             background = [
                 wakeups.listen_forever(direct_database_url(config) or url, listen_kwargs(config)),
                 executor.watch_forever(),

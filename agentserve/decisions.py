@@ -12,6 +12,7 @@ An edit may change the amount (and the order), bounded like the tool's own argum
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -139,3 +140,14 @@ def checked_decision(value: Any) -> Any:
         except BadDecision as exc:
             raise ValueError(str(exc)) from exc
     return value
+
+
+def pause_problem(resuming: bool, pending: list[dict[str, Any]] | None, how_to_resume: str) -> str | None:
+    """A paused thread takes only a decision; a decision needs a paused thread.
+    Why this turn does not fit the thread, or None when it does."""
+    if resuming and not pending:
+        return "has no pending action to resume; send messages instead"
+    if not resuming and pending:
+        actions = json.dumps([item.get("value") for item in pending])
+        return f"is waiting for approval of {actions}; {how_to_resume}"
+    return None

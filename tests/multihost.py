@@ -580,7 +580,6 @@ class Turn:
     streamed_text: dict[str, str] = field(default_factory=dict)  # message id -> its streamed tokens
     final_answer: tuple[str, str] = ("", "")  # (id, content) of the last message of the last values
     streamed_answer: str = ""  # the answer in the last `values` event the stream carried
-    restart_marked: bool = False  # a `metadata` event of a later attempt came (the run restarted)
     rejoins: int = 0
     failures: list[Failure] = field(default_factory=list)
     stored: int = -1  # times its message is in the stored transcript
@@ -911,8 +910,6 @@ class Conversationalist:
                 if event_id is not None:
                     turn.event_ids.append(event_id)
                 turn.events.append(event)
-                if event == "metadata" and isinstance(payload, dict) and int(payload.get("attempt") or 1) > 1:
-                    turn.restart_marked = True
                 if event == "values" and isinstance(payload, dict):
                     answer = values_answer(payload)
                     turn.streamed_answer = answer

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from agentserve.core.identity import thread_key_for
 from agentserve.core.ratelimit import RateLimited, count_request
 from agentserve.core.runs import NewRun, Pool, Run, RunStore
 from agentserve.core.serialize import jsonable
+from agentserve.decisions import pause_problem
 
 BusyPolicy = Literal["enqueue", "reject"]
 IS_LEASED = "SELECT expires_at > now() AS held FROM agent_thread_leases WHERE thread_key = %s"
@@ -118,11 +118,9 @@ class Admission:
             if not claimed:
                 await self.store.withdraw(run)
                 raise await self._refusal(tenant, key, thread_id, waited=True)
-        try:
-            refuse_turns_that_do_not_fit(thread_id, turns, pending)
-        except Conflict:
+        if problem := pause_problem(turns[0].resuming, pending, HOW_TO_RESUME):
             await self.store.withdraw(run)
-            raise
+            raise Conflict(f"thread {thread_id!r} {problem}")
         return run
 
     async def _wait_in_line(self, run: Run) -> tuple[bool, Any]:
@@ -150,13 +148,3 @@ class Admission:
                 retry_after_s=max(1, round(self.policy.wait_s / 4)),
             )
         return TooMany(f"tenant {tenant!r} already has {self.policy.max_runs_per_tenant} runs in progress", 1)
-
-
-def refuse_turns_that_do_not_fit(thread_id: str, turns: list[TurnRequest], pending: Any) -> None:
-    """A paused thread takes only a decision; a decision needs a paused thread."""
-    for turn in turns[:1]:
-        if turn.resuming and not pending:
-            raise Conflict(f"thread {thread_id!r} has no pending action to resume; send messages instead")
-        if not turn.resuming and pending:
-            actions = [item["value"] for item in pending]
-            raise Conflict(f"thread {thread_id!r} is waiting for approval of {json.dumps(actions)}; {HOW_TO_RESUME}")

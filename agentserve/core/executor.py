@@ -18,15 +18,15 @@ from functools import partial
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
-from psycopg import AsyncConnection
-from psycopg.rows import DictRow
 
 from agentserve.core.errors import RunCancelled, RunTimedOut
 from agentserve.core.events import Event, EventLog, LocalStream, Wakeups
 from agentserve.core.identity import thread_id_in
 from agentserve.core.runs import CHANNEL, TERMINAL, Ending, Pool, Run, RunStore
 from agentserve.core.serialize import json_text, jsonable, plain
+from agentserve.core.threads import erase_threads
 from agentserve.core.turns import TurnOutcome, TurnRunner, graph_input_for, interrupts_of
+from agentserve.decisions import pause_problem
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,8 @@ class Executor:
         run = active.run
         kwargs = run.kwargs
         graph_input = graph_input_for(kwargs)
-        if problem := decision_problem(graph_input, kwargs, pending):
-            raise_refused(problem)
+        if problem := decision_problem(kwargs, pending):
+            raise DecisionRefused(f"the thread {problem}")
         if run.attempts > 1:
             stored = await self.turns.stored_by(run.thread_key, run.run_id)
             if stored is True:
@@ -287,8 +287,6 @@ class Executor:
         await self.store.withdraw(run)
 
     async def _erase_temporary(self, run: Run) -> None:
-        from agentserve.core.threads import erase_threads
-
         async with self.pool.connection() as conn:
             await erase_threads(conn, [run.thread_key])
 
@@ -510,24 +508,14 @@ _ALREADY_DONE = object()
 
 
 class DecisionRefused(Exception):
-    pass
+    """A queued run whose input does not fit the thread it finally got."""
 
 
-def raise_refused(problem: str) -> None:
-    raise DecisionRefused(problem)
-
-
-def decision_problem(graph_input: Any, kwargs: dict[str, Any], pending: Any) -> str | None:
-    """A paused thread takes only a decision; a decision needs a paused thread."""
-    resuming = bool(kwargs.get("command")) and (kwargs["command"].get("resume") is not None)
-    if resuming and not pending:
-        return "the thread has no pending action to resume; send input instead"
-    if not resuming and pending and graph_input is not None and not kwargs.get("command"):
-        actions = [item.get("value") for item in pending]
-        return f"the thread is waiting for a decision on {actions}; resume it with command.resume"
-    return None
-
-
-async def pending_of(conn: AsyncConnection[DictRow], thread_key: str) -> Any:
-    row = await (await conn.execute(READ_PENDING, (thread_key,))).fetchone()
-    return row["pending"] if row else None
+def decision_problem(kwargs: dict[str, Any], pending: Any) -> str | None:
+    """Through the LangGraph API a decision is a `command` with `resume`; any other
+    run on a paused thread (an input, a goto) is refused."""
+    command = kwargs.get("command") or {}
+    resuming = command.get("resume") is not None
+    if not resuming and (command or kwargs.get("input") is None):
+        return None  # an update or goto (command wins over input), or no new input
+    return pause_problem(resuming, pending, "resume it with command.resume")

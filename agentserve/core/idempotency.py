@@ -46,7 +46,6 @@ READ = """SELECT i.request_hash, i.state, i.expires_at > now() AS alive, i.threa
           FROM agent_idempotency i LEFT JOIN agent_runs r ON r.run_id = i.run_id
           WHERE i.tenant = %s AND i.key = %s"""
 RENEW = "UPDATE agent_idempotency SET expires_at = now() + make_interval(secs => %s) WHERE owner = %s"
-ATTACH_RUN = "UPDATE agent_idempotency SET thread_id = %s, run_id = %s WHERE owner = %s"
 COMPLETE = """UPDATE agent_idempotency SET state = 'done', status_code = %s, headers = %s, body = %s
               WHERE owner = %s"""
 RELEASE = "DELETE FROM agent_idempotency WHERE owner = %s AND state = 'running'"
@@ -114,10 +113,6 @@ class IdempotencyKeys:
     async def renew(self, owner: str) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(RENEW, (self.lease_s, owner))
-
-    async def attach_run(self, owner: str, thread_id: str | None, run_id: str) -> None:
-        async with self.pool.connection() as conn:
-            await conn.execute(ATTACH_RUN, (thread_id, run_id, owner))
 
     async def complete(self, owner: str, status_code: int, headers: list[list[str]], body: bytes) -> None:
         async with self.pool.connection() as conn:

@@ -14,7 +14,6 @@ from agentserve.core.identity import is_uuid, thread_key_for
 from agentserve.core.runs import TERMINAL, NewRun, Run, RunStore, Strategy
 from agentserve.core.serialize import JsonText
 from agentserve.core.threads import ThreadStore
-from agentserve.core.turns import graph_input_for
 
 CancelAction = Literal["interrupt", "rollback"]
 
@@ -93,7 +92,7 @@ class RunService:
         if not submitted.claimed:
             await self.executor.notify_queued(run)
             return run
-        if problem := decision_problem(graph_input_for(run.kwargs), run.kwargs, submitted.pending):
+        if problem := decision_problem(run.kwargs, submitted.pending):
             await self.store.withdraw(run)
             raise Conflict(f"thread {thread_id!r}: {problem}")
         self.executor.launch(run, submitted.pending, known_pending=True, followed=request.followed)

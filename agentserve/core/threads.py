@@ -21,7 +21,8 @@ from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from agentserve.core.errors import Conflict, Invalid, NotFound
-from agentserve.core.identity import thread_id_in, thread_key_for
+from agentserve.core.identity import thread_key_for
+from agentserve.core.leases import ThreadLeases
 from agentserve.core.runs import Pool
 from agentserve.core.serialize import jsonable
 from agentserve.core.turns import interrupts_of
@@ -117,9 +118,10 @@ def state_json(snapshot: StateSnapshot, thread_id: str) -> dict[str, Any]:
 
 
 class ThreadStore:
-    def __init__(self, pool: Pool, graph: CompiledStateGraph) -> None:
+    def __init__(self, pool: Pool, graph: CompiledStateGraph, leases: ThreadLeases) -> None:
         self.pool = pool
         self.graph = graph
+        self.leases = leases
 
     async def create(
         self, tenant: str, thread_id: str | None, metadata: dict[str, Any], if_exists: Literal["raise", "do_nothing"]
@@ -222,21 +224,22 @@ class ThreadStore:
         ]
 
     async def update_state(
-        self, thread_key: str, values: Any, as_node: str | None, checkpoint_id: str | None
+        self, tenant: str, thread_id: str, values: Any, as_node: str | None, checkpoint_id: str | None
     ) -> dict[str, Any]:
-        """A new checkpoint with these values merged in, as if `as_node` wrote them.
-        The caller holds the thread, so no run writes beside it."""
+        """A new checkpoint with these values merged in, as if `as_node` wrote them,
+        written while holding the thread, so no run writes beside it."""
         nodes = set(self.graph.nodes) - {"__start__"}
         if as_node is not None and as_node not in nodes:
             raise Invalid(f"as_node must be one of {sorted(nodes)}")
         if values is not None:
             values = self._checked_values(values)
-        configurable: dict[str, Any] = {"thread_id": thread_key, "checkpoint_ns": ""}
+        key = await self.owned_key(tenant, thread_id)
+        configurable: dict[str, Any] = {"thread_id": key, "checkpoint_ns": ""}
         if checkpoint_id:
             configurable["checkpoint_id"] = checkpoint_id
-        config = await self.graph.aupdate_state({"configurable": configurable}, values, as_node=as_node)
-        checkpoint = checkpoint_json(config, thread_id_in(thread_key))
-        return {"checkpoint": checkpoint}
+        async with self.leases.hold(tenant, key):
+            config = await self.graph.aupdate_state({"configurable": configurable}, values, as_node=as_node)
+        return {"checkpoint": checkpoint_json(config, thread_id)}
 
     @staticmethod
     def _checked_values(values: Any) -> Any:
@@ -251,6 +254,9 @@ class ThreadStore:
                 raise Invalid(f"values.messages: {exc}") from exc
         return values
 
-    async def erase(self, keys: list[str]) -> None:
-        async with self.pool.connection() as conn:
-            await erase_threads(conn, keys)
+    async def delete(self, tenant: str, thread_id: str) -> None:
+        """Erase every checkpoint, transcript row, run and event of the thread, while
+        holding it, so no run writes beside it."""
+        key = await self.owned_key(tenant, thread_id)
+        async with self.leases.hold(tenant, key), self.pool.connection() as conn:
+            await erase_threads(conn, [key])

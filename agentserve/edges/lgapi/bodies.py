@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agentserve.decisions import checked_decision
-from agentserve.messages import as_human_message_dict
+from agentserve.messages import TurnInput
 
 STREAM_MODES = ("values", "updates", "messages-tuple", "events", "custom", "debug")
 MAX_METADATA_KEYS = 64
@@ -43,25 +43,19 @@ class Checkpoint(Lenient):
 
 
 def messages_of(value: Any) -> dict[str, Any] | None:
-    """An input holds only the caller's new messages; the agent writes its own."""
+    """An input holds only the caller's new messages (the agent writes its own),
+    checked by the same rules as a LangServe turn's."""
     if value is None or value == {}:
         return value
-    if not isinstance(value, dict):
-        raise ValueError("input must be an object such as {'messages': [{'role': 'user', 'content': '...'}]}")
-    extra = sorted(set(value) - {"messages"})
-    if extra:
-        raise ValueError(f"input accepts only 'messages'; remove {', '.join(extra)}")
-    messages = value.get("messages")
-    if not isinstance(messages, list) or not 1 <= len(messages) <= 20:
-        raise ValueError("input.messages must be a list of 1 to 20 messages")
-    normalized = []
-    for index, message in enumerate(messages):
-        item = as_human_message_dict(index, message)
-        content = item.get("content") if isinstance(item, dict) else None
-        if not content or not isinstance(content, str | list):
-            raise ValueError(f"input.messages[{index}].content must be non-empty text")
-        normalized.append(item)
-    return {"messages": normalized}
+    if not isinstance(value, dict) or set(value) != {"messages"}:
+        raise ValueError("input must be {'messages': [{'role': 'user', 'content': '...'}]} and nothing else")
+    try:
+        turn = TurnInput.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"input.{where}: {first['msg']}") from exc
+    return {"messages": [m.model_dump() for m in turn.messages or []]}
 
 
 class RunCreate(Lenient):

@@ -64,10 +64,7 @@ async def patch_thread(
 @router.delete("/threads/{thread_id}", status_code=204)
 async def delete_thread(request: Request, principal: CurrentPrincipal, thread_id: str) -> Response:
     """Erase every checkpoint, transcript row, run and event of the thread."""
-    threads = threads_of(request)
-    key = await threads.owned_key(principal.tenant, checked_thread_id(thread_id))
-    async with request.app.state.leases.hold(principal.tenant, [key]):
-        await threads.erase([key])
+    await threads_of(request).delete(principal.tenant, checked_thread_id(thread_id))
     return Response(status_code=204)
 
 
@@ -96,11 +93,10 @@ async def get_state_at_checkpoint(
 async def update_state(
     request: Request, principal: CurrentPrincipal, thread_id: str, body: StateUpdate
 ) -> dict[str, Any]:
-    threads = threads_of(request)
-    key = await threads.owned_key(principal.tenant, checked_thread_id(thread_id))
     checkpoint_id = body.checkpoint.checkpoint_id if body.checkpoint else body.checkpoint_id
-    async with request.app.state.leases.hold(principal.tenant, [key]):
-        return await threads.update_state(key, body.values, body.as_node, checkpoint_id)
+    return await threads_of(request).update_state(
+        principal.tenant, checked_thread_id(thread_id), body.values, body.as_node, checkpoint_id
+    )
 
 
 @router.post("/threads/{thread_id}/history")
