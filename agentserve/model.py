@@ -5,6 +5,7 @@ from __future__ import annotations
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
+from agentserve import model_requests
 from agentserve.settings import Settings
 
 OFFLINE_MODEL_NAME = "offline-model"
@@ -16,6 +17,7 @@ def build_chat_model(settings: Settings, offline_base_url: str | None = None) ->
     api_key, base_url, model = settings.OPENAI_API_KEY, settings.OPENAI_BASE_URL or None, settings.OPENAI_MODEL
     if offline_base_url is not None:
         api_key, base_url, model = SecretStr("offline"), offline_base_url, OFFLINE_MODEL_NAME
+    model_requests.install()
     return ChatOpenAI(
         model=model,
         api_key=api_key,
