@@ -20,7 +20,6 @@ alternating --rounds times; a piece's figure is the median over those processes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
