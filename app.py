@@ -37,7 +37,7 @@ from agentserve.core.retention import RetentionPolicy, sweep_forever
 from agentserve.core.runs import RunStore
 from agentserve.core.service import RunService
 from agentserve.core.threads import ThreadStore
-from agentserve.core.transcript import Transcript
+from agentserve.core.transcript import MessageBound, Transcript
 from agentserve.core.turns import TurnRunner
 from agentserve.core.webhooks import WebhookPolicy, WebhookSender
 from agentserve.edges import lgapi, operations
@@ -132,15 +132,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
                 log.warning("no OPENAI_API_KEY: answering with the offline model simulator at %s", offline_url)
             model = build_chat_model(config, offline_url)
-            saver = PooledPostgresSaver(pool)  # type: ignore[arg-type]
+            transcript = Transcript(pool)
+            saver = PooledPostgresSaver(pool, bound=MessageBound(transcript, config.CONTEXT_MESSAGES))
             tools = [*TOOLS, refund_tool(RefundLedger(pool))]
             breaker = CircuitBreaker(config.MODEL_BREAKER_THRESHOLD, config.MODEL_BREAKER_COOLDOWN_S)
             graph = build_graph(model, saver, tools=tools, context_messages=config.CONTEXT_MESSAGES, breaker=breaker)
             turns = TurnRunner(
                 graph,
-                Transcript(pool),
+                transcript,
                 max_steps=config.MAX_STEPS,
-                context_messages=config.CONTEXT_MESSAGES,
                 run_timeout_s=config.RUN_TIMEOUT_S,
                 durability=config.CHECKPOINT_DURABILITY,
             )

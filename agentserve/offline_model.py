@@ -51,6 +51,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 MODEL_ID = "offline-model"
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -348,6 +349,14 @@ async def serve_offline_model(
     latency_ms: float = 0.0, failure_rate: float = 0.0, seed: int | None = None
 ) -> AsyncIterator[str]:
     app = create_offline_model_app(latency_ms=latency_ms, failure_rate=failure_rate, seed=seed)
+    async with serve_in_loop(app) as base:
+        yield f"{base}/v1"
+
+
+@contextlib.asynccontextmanager
+async def serve_in_loop(app: ASGIApp) -> AsyncIterator[str]:
+    """`app` on a free loopback port, served by the running event loop until the block
+    ends; yields its base URL."""
     # No log_config and no log_level: uvicorn would otherwise set up, and turn down,
     # the loggers of the server this runs inside (its own shutdown lines, its format).
     config = uvicorn.Config(
@@ -365,9 +374,9 @@ async def serve_offline_model(
         while not server.started:
             if task.done():
                 await task
-                raise RuntimeError("offline model server exited during startup")
+                raise RuntimeError("embedded server exited during startup")
             await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task

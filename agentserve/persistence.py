@@ -20,6 +20,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from agentserve.core.transcript import MessageBound
 from agentserve.metrics import CHECKPOINT_DURATION
 from agentserve.settings import Settings
 
@@ -164,12 +165,23 @@ SCHEMA = [
 
 class PooledPostgresSaver(AsyncPostgresSaver):
     """The Postgres checkpointer over a pool, without the base class's per-instance
-    lock, and with the latency of each read and write recorded.
+    lock, with the latency of each read and write recorded, and, given a `bound`,
+    keeping a thread's messages bounded as it writes them.
 
     The base class runs every database call of an instance one at a time behind one
     asyncio.Lock, which a single shared connection needs; over a pool each call has
     a connection of its own, and the lock only makes concurrent turns of a worker
-    queue behind each other."""
+    queue behind each other.
+
+    The bound is applied here, to the checkpoint being written, rather than by a
+    state update after the turn: that would read the checkpoint back, run a step of
+    its own and write a second checkpoint, a third of a turn's CPU whenever it ran.
+    What the graph holds in memory until the turn ends is unchanged; the stored
+    state, which every later read sees, keeps the window."""
+
+    def __init__(self, conn: Any, *, bound: MessageBound | None = None) -> None:
+        super().__init__(conn)
+        self.bound = bound
 
     @contextlib.asynccontextmanager
     async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[AsyncCursor[DictRow]]:
@@ -197,6 +209,14 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         with CHECKPOINT_DURATION.labels(operation="write").time():
+            configurable = config.get("configurable") or {}
+            messages = checkpoint["channel_values"].get("messages")
+            if self.bound and "messages" in new_versions and isinstance(messages, list):
+                if not configurable.get("checkpoint_ns"):  # the root graph's, not a subgraph's
+                    kept = await self.bound.bounded(str(configurable["thread_id"]), messages)
+                    if kept is not messages:
+                        values = {**checkpoint["channel_values"], "messages": kept}
+                        checkpoint = {**checkpoint, "channel_values": values}  # type: ignore[typeddict-item]
             return await super().aput(config, checkpoint, metadata, new_versions)
 
     async def aput_writes(

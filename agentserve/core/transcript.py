@@ -7,6 +7,7 @@ messages move here, in order, and are read back only by the thread API."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from langchain_core.messages import AnyMessage, BaseMessage, HumanMessage, message_to_dict, messages_from_dict
 from psycopg import AsyncConnection
@@ -41,3 +42,28 @@ class Transcript:
         async with self.pool.connection() as conn:
             rows = await (await conn.execute(READ, (thread_key,))).fetchall()
         return messages_from_dict([row["message"] for row in rows])  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class MessageBound:
+    """How many messages a thread's checkpoint keeps: the model's context window and
+    a quarter more. Past that, the oldest move to the transcript, in a batch, so a
+    checkpoint write that has to drop some is one in several."""
+
+    transcript: Transcript
+    keep: int
+
+    @property
+    def limit(self) -> int:
+        return self.keep + max(4, self.keep // 4)
+
+    async def bounded(self, thread_key: str, messages: list[AnyMessage]) -> list[AnyMessage]:
+        """`messages` as the checkpoint should keep them (the same list if whole);
+        what it drops is in the transcript first."""
+        if len(messages) <= self.limit:
+            return messages
+        cut = archivable_prefix(messages, self.keep)
+        if not cut:
+            return messages
+        await self.transcript.append(thread_key, messages[:cut])
+        return messages[cut:]

@@ -1,6 +1,6 @@
 """Running one turn of the agent on a thread: the graph, its time limit, its
-durability, the transcript that keeps checkpoints bounded, and what the thread
-looks like afterwards. Both APIs run turns through here."""
+durability, and what the thread looks like afterwards (its state and the
+transcript of what left it). Both APIs run turns through here."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import AnyMessage, RemoveMessage
+from langchain_core.messages import AnyMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, Durability, Interrupt
 
 from agentserve.core.errors import RunTimedOut
 from agentserve.core.serialize import jsonable
-from agentserve.core.transcript import Transcript, archivable_prefix
+from agentserve.core.transcript import Transcript
 from agentserve.metrics import RUNS_IN_FLIGHT, TURN_DURATION
 
 # LangGraph's own stream modes; "events" is served from astream_events.
@@ -42,7 +42,6 @@ class TurnRunner:
     graph: CompiledStateGraph
     transcript: Transcript
     max_steps: int = 12
-    context_messages: int = 24
     run_timeout_s: float = 120.0
     durability: Durability = "exit"
 
@@ -72,7 +71,7 @@ class TurnRunner:
         subgraphs: bool = False,
     ) -> AsyncIterator[tuple[str, Any]]:
         """(mode, payload) pairs of the requested modes as the turn runs. The turn's
-        final values and pause land in `outcome`; the transcript is compacted after."""
+        final values and pause land in `outcome`."""
         started, result = time.perf_counter(), "error"
         RUNS_IN_FLIGHT.inc()
         try:
@@ -85,8 +84,6 @@ class TurnRunner:
         finally:
             RUNS_IN_FLIGHT.dec()
             TURN_DURATION.labels(outcome=result).observe(time.perf_counter() - started)
-        if not outcome.interrupts:
-            await self.compact(config, outcome.values.get("messages", []))
 
     async def _graph_stream(
         self,
@@ -146,23 +143,6 @@ class TurnRunner:
                     yield (), mode, payload
             else:
                 yield (), "events", event
-
-    async def compact(self, config: RunnableConfig, messages: list[AnyMessage]) -> None:
-        """Move old messages from the state to the transcript once the state holds
-        the context window and a quarter more, so checkpoints stop growing with the
-        thread; in batches, so the extra checkpoint write is rare."""
-        limit = self.context_messages + max(4, self.context_messages // 4)
-        if len(messages) <= limit:
-            return
-        cut = archivable_prefix(messages, self.context_messages)
-        if not cut:
-            return
-        old = messages[:cut]
-        configurable = dict(config.get("configurable") or {})
-        configurable.pop("checkpoint_id", None)
-        await self.transcript.append(configurable["thread_id"], old)
-        removals = [RemoveMessage(id=str(m.id)) for m in old]
-        await self.graph.aupdate_state({"configurable": configurable}, {"messages": removals}, as_node="call_model")
 
     async def read_messages(self, thread_key: str) -> list[AnyMessage]:
         """The whole conversation: the transcript, then what the state still holds."""
