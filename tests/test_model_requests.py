@@ -13,8 +13,8 @@ from typing import Annotated, Any, Required
 import openai
 import pydantic
 import pytest
-from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.runnables import Runnable
 from openai._utils._transform import PropertyInfo, async_maybe_transform
 from openai.types.chat import completion_create_params
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -110,7 +110,7 @@ class Recorder:
         self.bodies.append(body)
         sent = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> Any:
             nonlocal sent
             if sent:
                 return await receive()
@@ -121,16 +121,16 @@ class Recorder:
 
 
 @pytest.fixture
-async def recording_model() -> AsyncIterator[tuple[Recorder, BaseChatModel]]:
+async def recording_model() -> AsyncIterator[tuple[Recorder, Runnable[Any, Any]]]:
     recorder = Recorder(create_offline_model_app(latency_ms=0))
     async with serve_in_loop(recorder) as base:
         settings = Settings(_env_file=None, OPENAI_MAX_RETRIES=0)  # type: ignore[call-arg]
         model = build_chat_model(settings, f"{base}/v1")
-        yield recorder, model.bind_tools([*TOOLS, refund_tool(RefundLedger(None))])  # type: ignore[arg-type, return-value]
+        yield recorder, model.bind_tools([*TOOLS, refund_tool(RefundLedger(None))])  # type: ignore[arg-type]
     model_requests.install()
 
 
-async def send_all(model: BaseChatModel) -> None:
+async def send_all(model: Runnable[Any, Any]) -> None:
     for name, messages in CONVERSATIONS.items():
         answer = await model.ainvoke(messages)
         assert isinstance(answer, AIMessage) and (answer.content or answer.tool_calls), name
@@ -139,7 +139,7 @@ async def send_all(model: BaseChatModel) -> None:
 
 
 async def test_every_request_body_is_the_bytes_the_unmodified_sdk_sends(
-    recording_model: tuple[Recorder, BaseChatModel],
+    recording_model: tuple[Recorder, Runnable[Any, Any]],
 ) -> None:
     recorder, model = recording_model
     model_requests.uninstall()
