@@ -29,6 +29,9 @@ MODEL_CALL_ERRORS = Counter("agent_model_call_errors_total", "Failed model calls
 CHECKPOINT_DURATION = Histogram(
     "agent_checkpoint_seconds", "Checkpoint read/write duration", ["operation"], buckets=LATENCY_BUCKETS
 )
+CHECKPOINT_READS = Counter(
+    "agent_checkpoint_reads_total", "Latest-checkpoint reads, by whether this worker's copy was current", ["source"]
+)
 RUNS_IN_FLIGHT = Gauge("agent_runs_in_flight", "Runs in progress", multiprocess_mode="livesum")
 THREAD_WAIT = Histogram("agent_thread_wait_seconds", "Wait for a busy thread", buckets=LATENCY_BUCKETS)
 POOL_CONNECTIONS = Gauge(

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata, CheckpointTuple
+from langgraph.checkpoint.base import (
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_serializable_checkpoint_metadata,
+)
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import DictRow, dict_row
@@ -21,7 +30,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from agentserve.core.transcript import MessageBound
-from agentserve.metrics import CHECKPOINT_DURATION
+from agentserve.metrics import CHECKPOINT_DURATION, CHECKPOINT_READS
 from agentserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -163,15 +172,123 @@ SCHEMA = [
 ]
 
 
+# Which checkpoint of a thread is the latest, and whether anything was written
+# against it since (a pause, a failed step): all a worker needs to know that its
+# copy of the thread's latest checkpoint is still current.
+LATEST_CHECKPOINT = """
+SELECT c.checkpoint_id, EXISTS (
+    SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
+        AND w.checkpoint_id = c.checkpoint_id) AS has_writes
+FROM checkpoints c WHERE c.thread_id = %s AND c.checkpoint_ns = %s ORDER BY c.checkpoint_id DESC LIMIT 1"""
+INLINE_TYPES = (str, int, float, bool)
+
+
+def _json(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _own(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class KnownCheckpoint:
+    """A thread's latest checkpoint as this worker wrote or read it, kept to hand it
+    back, exactly as the database would, without reading and decoding it again."""
+
+    thread_id: str
+    checkpoint_id: str
+    parent_id: str | None
+    stored: bytes  # the checkpoint row's JSON: all but the blob channels
+    metadata: bytes
+    values: dict[str, Any]  # the blob channels' values
+    has_writes: bool = False  # written against since: the database's copy has them
+
+    def as_tuple(self) -> CheckpointTuple:
+        def config_of(checkpoint_id: str) -> RunnableConfig:
+            return {"configurable": {"thread_id": self.thread_id, "checkpoint_ns": "", "checkpoint_id": checkpoint_id}}
+
+        checkpoint = orjson.loads(self.stored)
+        # Fresh dicts and lists each time: the graph's loop updates what it is given.
+        values = {key: _own(value) for key, value in self.values.items()}
+        checkpoint["channel_values"] = {**(checkpoint.get("channel_values") or {}), **values}
+        parent = config_of(self.parent_id) if self.parent_id else None
+        return CheckpointTuple(config_of(self.checkpoint_id), checkpoint, orjson.loads(self.metadata), parent, [])
+
+    @classmethod
+    def read(cls, saved: CheckpointTuple) -> KnownCheckpoint:
+        configurable, parent = saved.config["configurable"], (saved.parent_config or {}).get("configurable") or {}
+        values = saved.checkpoint["channel_values"]
+        inline = {k: v for k, v in values.items() if v is None or isinstance(v, INLINE_TYPES)}
+        return cls(
+            thread_id=str(configurable["thread_id"]),
+            checkpoint_id=str(configurable["checkpoint_id"]),
+            parent_id=parent.get("checkpoint_id"),
+            stored=_json({**saved.checkpoint, "channel_values": inline}),
+            metadata=_json(saved.metadata),
+            values={k: _own(v) for k, v in values.items() if k not in inline},
+            has_writes=bool(saved.pending_writes),
+        )
+
+    @classmethod
+    def written(
+        cls,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        parent: KnownCheckpoint | None,
+    ) -> KnownCheckpoint | None:
+        """What `aput` stored, when that is known: a root-graph checkpoint whose
+        channels were each written by this put or, unchanged since, are known from
+        `parent`, the copy of the checkpoint this one follows."""
+        configurable = config["configurable"]
+        thread_id, parent_id = str(configurable["thread_id"]), configurable.get("checkpoint_id")
+        if configurable.get("checkpoint_ns") or checkpoint.get("v", 0) < 4:
+            return None
+        if parent is not None and (parent.thread_id != thread_id or parent.checkpoint_id != parent_id):
+            parent = None
+        inline: dict[str, Any] = {}
+        blobs: dict[str, Any] = {}
+        for key, value in checkpoint["channel_values"].items():
+            if value is None or isinstance(value, INLINE_TYPES):
+                inline[key] = value
+            elif type(value).__name__ == "_DeltaSnapshot":  # stored in parts; read it back whole
+                return None
+            elif key in new_versions:
+                blobs[key] = _own(value)
+        for key in checkpoint["channel_versions"]:
+            if key not in new_versions:
+                if parent is None:  # stored by a put this worker did not see
+                    return None
+                if key in parent.values:
+                    blobs[key] = parent.values[key]
+        return cls(
+            thread_id=thread_id,
+            checkpoint_id=checkpoint["id"],
+            parent_id=parent_id,
+            stored=_json({**checkpoint, "channel_values": inline}),
+            metadata=_json(get_serializable_checkpoint_metadata(config, metadata)),
+            values=blobs,
+        )
+
+
 class PooledPostgresSaver(AsyncPostgresSaver):
     """The Postgres checkpointer over a pool, without the base class's per-instance
-    lock, with the latency of each read and write recorded, and, given a `bound`,
-    keeping a thread's messages bounded as it writes them.
+    lock, with the latency of each read and write recorded, keeping a copy of each
+    thread's latest checkpoint, and, given a `bound`, keeping a thread's messages
+    bounded as it writes them.
 
     The base class runs every database call of an instance one at a time behind one
     asyncio.Lock, which a single shared connection needs; over a pool each call has
     a connection of its own, and the lock only makes concurrent turns of a worker
     queue behind each other.
+
+    A turn starts by reading its thread's latest checkpoint, and decoding its
+    messages costs about a tenth of the turn. This worker knows that checkpoint when
+    it wrote it, or read it, last: then one indexed query checks that it is still the
+    latest, with nothing written against it, and the copy is handed back. Another
+    worker's turn, an erased thread or a pause send the read to the database.
 
     The bound is applied here, to the checkpoint being written, rather than by a
     state update after the turn: that would read the checkpoint back, run a step of
@@ -179,9 +296,18 @@ class PooledPostgresSaver(AsyncPostgresSaver):
     What the graph holds in memory until the turn ends is unchanged; the stored
     state, which every later read sees, keeps the window."""
 
-    def __init__(self, conn: Any, *, bound: MessageBound | None = None) -> None:
+    def __init__(self, conn: Any, *, bound: MessageBound | None = None, remember: int = 256) -> None:
         super().__init__(conn)
         self.bound = bound
+        self.known: OrderedDict[str, KnownCheckpoint] = OrderedDict()  # the most recent threads
+        self.remember = remember
+
+    def _know(self, thread_id: str, known: KnownCheckpoint | None) -> None:
+        self.known.pop(thread_id, None)
+        if known is not None:
+            self.known[thread_id] = known
+            if len(self.known) > self.remember:
+                self.known.popitem(last=False)
 
     @contextlib.asynccontextmanager
     async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[AsyncCursor[DictRow]]:
@@ -199,7 +325,24 @@ class PooledPostgresSaver(AsyncPostgresSaver):
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         with CHECKPOINT_DURATION.labels(operation="read").time():
-            return await super().aget_tuple(config)
+            configurable = config["configurable"]
+            if configurable.get("checkpoint_ns") or configurable.get("checkpoint_id"):
+                return await super().aget_tuple(config)
+            thread_id = str(configurable["thread_id"])
+            if known := self.known.get(thread_id):
+                async with self._cursor() as cur:
+                    await cur.execute(LATEST_CHECKPOINT, (thread_id, ""))
+                    latest = await cur.fetchone()
+                if latest is None:  # the thread was erased
+                    self._know(thread_id, None)
+                    return None
+                if latest["checkpoint_id"] == known.checkpoint_id and not (latest["has_writes"] or known.has_writes):
+                    CHECKPOINT_READS.labels(source="memory").inc()
+                    return known.as_tuple()
+            CHECKPOINT_READS.labels(source="database").inc()
+            saved = await super().aget_tuple(config)
+            self._know(thread_id, KnownCheckpoint.read(saved) if saved else None)
+            return saved
 
     async def aput(
         self,
@@ -209,20 +352,29 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         with CHECKPOINT_DURATION.labels(operation="write").time():
-            configurable = config.get("configurable") or {}
+            configurable = config["configurable"]
+            thread_id = str(configurable["thread_id"])
             messages = checkpoint["channel_values"].get("messages")
             if self.bound and "messages" in new_versions and isinstance(messages, list):
                 if not configurable.get("checkpoint_ns"):  # the root graph's, not a subgraph's
-                    kept = await self.bound.bounded(str(configurable["thread_id"]), messages)
+                    kept = await self.bound.bounded(thread_id, messages)
                     if kept is not messages:
                         values = {**checkpoint["channel_values"], "messages": kept}
                         checkpoint = {**checkpoint, "channel_values": values}  # type: ignore[typeddict-item]
-            return await super().aput(config, checkpoint, metadata, new_versions)
+            parent = self.known.pop(thread_id, None)
+            next_config = await super().aput(config, checkpoint, metadata, new_versions)
+            self._know(thread_id, KnownCheckpoint.written(config, checkpoint, metadata, new_versions, parent))
+            return next_config
 
     async def aput_writes(
         self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
     ) -> None:
         with CHECKPOINT_DURATION.labels(operation="write_pending").time():
+            configurable = config["configurable"]
+            thread_id = str(configurable["thread_id"])
+            known = self.known.get(thread_id)
+            if known is not None and known.checkpoint_id == configurable.get("checkpoint_id"):
+                self._know(thread_id, dataclasses.replace(known, has_writes=True))
             await super().aput_writes(config, writes, task_id, task_path)
 
 

@@ -1,5 +1,5 @@
 """Where a turn's CPU goes, piece by piece, in this tree and in an earlier one. One
-request at a time, CPU time per request (median of many), so the pieces can be told
+request at a time, CPU time per request (the mean of many), so the pieces can be told
 apart on a machine too noisy for throughput ratios to do it:
 
     python -m bench.breakdown [--baseline REV] [--rounds N]
@@ -147,7 +147,7 @@ async def measure(tag: str) -> dict[str, float]:
                     await action(i)
                     samples[name].append((time.process_time() - began) * 1000)
         await client.aclose()
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: statistics.fmean(values) for name, values in samples.items()}
 
 
 def invoke_body(text: str, thread_id: str) -> dict[str, Any]:
@@ -218,7 +218,7 @@ def compare(database_url: str, baseline: str | None, rounds: int) -> dict[str, A
 def table(result: dict[str, Any]) -> str:
     width = max(map(len, PIECES))
     before = result.get("before")
-    header = f"{'CPU per request (ms, median)'.ljust(width)}  {'after':>7}"
+    header = f"{'CPU per request (ms, mean)'.ljust(width)}  {'after':>7}"
     if before:
         header += f"  {'before':>7}  after/before   (before: {result['baseline']})"
     lines = [header]
