@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,24 +59,33 @@ class Wakeups:
     def wake(self, topic: str) -> None:
         for event in self._waiters.get(topic, ()):
             event.set()
-        if topic.startswith("thread:") or topic.startswith("run:"):
-            for event in self._waiters.get("queue", ()):
+        # The queue hears of every run ("queue:run") and every thread set free
+        # ("queue:thread"), and listens to the second only while runs wait in it.
+        kind = topic.partition(":")[0]
+        if kind in ("thread", "run"):
+            for event in self._waiters.get(f"queue:{kind}", ()):
                 event.set()
         for listener in self._listeners:
             listener(topic)
 
     async def wait(self, topic: str, timeout: float) -> None:
         """Until the topic is woken or the timeout passes, whichever is first."""
+        await self.wait_any([topic], timeout)
+
+    async def wait_any(self, topics: Sequence[str], timeout: float) -> None:
+        """Until one of the topics is woken or the timeout passes."""
         event = asyncio.Event()
-        self._waiters[topic].add(event)
+        for topic in topics:
+            self._waiters[topic].add(event)
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await event.wait()
         finally:
-            self._waiters[topic].discard(event)
-            if not self._waiters[topic]:
-                del self._waiters[topic]
+            for topic in topics:
+                self._waiters[topic].discard(event)
+                if not self._waiters[topic]:
+                    del self._waiters[topic]
 
     async def listen_forever(self, url: str, connect_kwargs: dict[str, Any]) -> None:
         """LISTEN on a connection of its own, reconnecting after failures. Where the

@@ -447,16 +447,20 @@ class Executor:
                 log.warning("could not renew leases or read cancels", exc_info=True)
 
     async def work_forever(self) -> None:
-        """Take runs from the queue while this worker has room for them."""
+        """Take runs from the queue while this worker has room for them. Every turn
+        that ends sets a thread free, and would wake every worker's queue loop; that
+        matters only while runs wait in the queue, so only then does it listen."""
         next_cleanup = 0.0
         while True:
+            waiting = True
             try:
                 if time.monotonic() > next_cleanup:
                     next_cleanup = time.monotonic() + 5 * self.policy.poll_s
                     await self.store.end_abandoned()
-                while (
-                    not self.stopping and len(self.active) < self.policy.jobs and (run := await self.store.claim_next())
-                ):
+                while not self.stopping and len(self.active) < self.policy.jobs:
+                    claimable, waiting = await self.store.queue_state()
+                    if not claimable or not (run := await self.store.claim_next()):
+                        break
                     if run.attempts > self.policy.max_attempts:
                         await self._give_up(run)
                         continue
@@ -465,7 +469,8 @@ class Executor:
                 raise
             except Exception:
                 log.warning("could not take runs from the queue", exc_info=True)
-            await self.wakeups.wait("queue", self.policy.poll_s)
+            topics = ["queue:run", "queue:thread"] if waiting else ["queue:run"]
+            await self.wakeups.wait_any(topics, self.policy.poll_s)
 
     async def _give_up(self, run: Run) -> None:
         error = {

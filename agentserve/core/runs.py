@@ -109,15 +109,21 @@ RETURNING (SELECT pending FROM agent_threads t WHERE t.thread_key = r.thread_key
 """
 # Runs any worker may take: waiting ones first in their thread's line, and durable
 # ones whose worker stopped renewing their lease.
-CANDIDATES = f"""
-SELECT r.run_id, r.tenant FROM agent_runs r
-WHERE r.status IN ('pending', 'running') AND NOT r.attached
+CLAIMABLE = f"""r.status IN ('pending', 'running') AND NOT r.attached
   AND ((r.status = 'pending' AND NOT {LEASED.format(key="r.thread_key")})
        OR (r.status = 'running' AND r.durable AND NOT EXISTS (
            SELECT 1 FROM agent_thread_leases l WHERE l.holder = r.run_id AND l.expires_at > now())))
-  AND NOT {ACTIVE_EARLIER.format(run="r")}
+  AND NOT {ACTIVE_EARLIER.format(run="r")}"""
+CANDIDATES = f"""
+SELECT r.run_id, r.tenant FROM agent_runs r WHERE {CLAIMABLE}
 ORDER BY r.seq LIMIT %(limit)s
 FOR UPDATE OF r SKIP LOCKED
+"""
+# Whether the queue has a run to take now, and whether any run waits in it at all
+# (one that a thread or a tenant's capacity set free could then let start).
+QUEUE_STATE = f"""
+SELECT EXISTS (SELECT 1 FROM agent_runs r WHERE {CLAIMABLE}) AS claimable,
+       EXISTS (SELECT 1 FROM agent_runs r WHERE r.status = 'pending' AND NOT r.attached) AS waiting
 """
 CLAIM_CANDIDATE = f"""
 WITH me AS (
@@ -395,6 +401,13 @@ class RunStore:
             return False, None
         run.status, run.attempts = "running", run.attempts + 1
         return True, row["pending"]
+
+    async def queue_state(self) -> tuple[bool, bool]:
+        """(a run can be taken now, a run waits in the queue): one statement, no
+        transaction, for the common case of an empty queue."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(QUEUE_STATE)).fetchone()
+        return (bool(row["claimable"]), bool(row["waiting"])) if row else (False, False)
 
     async def claim_next(self, limit: int = 8) -> Run | None:
         """The next run any worker may take, taken; None when there is none."""
