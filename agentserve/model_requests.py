@@ -65,14 +65,21 @@ def _walk(type_: object, seen: set[int]) -> bool:
 
 
 def is_plain_json(value: object) -> bool:
-    kind = type(value)
-    if kind in _SCALARS:
-        return True
-    if kind is dict:
-        return all(type(k) is str and is_plain_json(v) for k, v in value.items())  # type: ignore[attr-defined]
-    if kind is list:
-        return all(is_plain_json(v) for v in value)  # type: ignore[attr-defined]
-    return False
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is dict:
+            for key, inner in item.items():  # type: ignore[attr-defined]
+                if type(key) is not str:
+                    return False
+                if type(inner) not in _SCALARS:
+                    pending.append(inner)
+        elif kind is list:
+            pending.extend(item)  # type: ignore[arg-type]
+        elif kind not in _SCALARS:
+            return False
+    return True
 
 
 async def maybe_transform(data: object, expected_type: object) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, BaseCallbackManager
 from langchain_core.messages import AnyMessage
 from langchain_core.runnables import ConfigurableFieldSpec, Runnable, RunnableConfig
-from langchain_core.runnables.config import get_config_list
+from langchain_core.runnables.config import get_async_callback_manager_for_config, get_config_list
 from langgraph.types import Command
 from langserve.callbacks import AsyncEventAggregatorCallback
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,6 +136,13 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
         self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[dict[str, Any]]:
         config = without_event_recording(config)
+        if not get_async_callback_manager_for_config(config).handlers:
+            # Nobody reads this run's callback events (no handler, no tracer): the
+            # turn runs without a run of ours recorded around it, which cost about a
+            # twentieth of a turn's CPU for nothing.
+            async for chunk in self._turn_chunks(input, config):
+                yield chunk
+            return
         async for chunk in self._atransform_stream_with_config(_single(input), self._run_turn, config, **kwargs):
             yield chunk
 
@@ -145,9 +152,13 @@ class AgentRunnable(Runnable[dict[str, Any], dict[str, Any]]):
         run_manager: AsyncCallbackManagerForChainRun,
         config: RunnableConfig,
     ) -> AsyncIterator[dict[str, Any]]:
+        turn = [item async for item in inputs][-1]
+        async for chunk in self._turn_chunks(turn, config):
+            yield chunk
+
+    async def _turn_chunks(self, turn: dict[str, Any], config: RunnableConfig) -> AsyncIterator[dict[str, Any]]:
         if self.executor is None:
             raise RuntimeError("the agent is not attached to a run executor yet")
-        turn = [item async for item in inputs][-1]
         run_id = (config.get("configurable") or {}).get("run_id")
         if not run_id:
             raise ValueError("a turn needs configurable.run_id, which admission sets")
