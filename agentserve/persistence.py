@@ -412,19 +412,24 @@ def connection_kwargs(settings: Settings) -> dict[str, object]:
 
 class IdleConnectionCheck:
     """Checks a connection before lending it only if it sat idle for a while: a
-    proxy may have dropped it meanwhile, while one returned a moment ago is alive.
-    Checking every loan would add a round trip to every checkpoint read and write."""
+    proxy may have dropped it meanwhile, while one used a moment ago is alive.
+    Checking every loan would add a round trip to every checkpoint read and write.
+
+    Idle is counted from the connection's previous loan, not its return: a pool
+    with a `reset` hook hands every returned connection to a worker task, a task
+    switch per statement and a connection unavailable until the task runs. Counted
+    from the loan, a connection held long and then lent again is checked once more
+    than it strictly needs, never less."""
 
     def __init__(self, after_idle_s: float) -> None:
         self.after_idle_s = after_idle_s
-        self.returned_at: weakref.WeakKeyDictionary[AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
+        self.lent_at: weakref.WeakKeyDictionary[AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
 
     async def check(self, conn: AsyncConnection[Any]) -> None:
-        if time.monotonic() - self.returned_at.get(conn, 0.0) > self.after_idle_s:
+        now = time.monotonic()
+        previous, self.lent_at[conn] = self.lent_at.get(conn, 0.0), now
+        if now - previous > self.after_idle_s:
             await AsyncConnectionPool.check_connection(conn)
-
-    async def mark_returned(self, conn: AsyncConnection[Any]) -> None:
-        self.returned_at[conn] = time.monotonic()
 
 
 def orjson_dumps(value: Any) -> str:
@@ -450,7 +455,6 @@ def create_pool(url: str, settings: Settings) -> AsyncConnectionPool[AsyncConnec
         max_size=settings.DB_POOL_MAX_SIZE,
         kwargs=connection_kwargs(settings),
         check=idle_check.check,
-        reset=idle_check.mark_returned,
         max_idle=settings.DB_MAX_IDLE_S,
         max_lifetime=settings.DB_MAX_LIFETIME_S,
         timeout=settings.DB_CONNECT_TIMEOUT_S,

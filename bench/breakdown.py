@@ -46,7 +46,7 @@ PIECES = (
     "admission alone",
     "LangServe invoke handler, instant runnable",
 )
-HISTORY_TURNS, THREADS, SAMPLES, CHUNK = 12, 4, 60, 10
+HISTORY_TURNS, THREADS, SAMPLES, CHUNK = 12, 4, 150, 10
 BENCH_KEY = "bench-key-0123456789abcdef"
 
 
