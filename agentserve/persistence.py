@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 import weakref
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     ChannelVersions,
@@ -24,6 +26,7 @@ from langgraph.checkpoint.base import (
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
@@ -172,6 +175,47 @@ SCHEMA = [
 ]
 
 
+def msgpack_array_header(length: int) -> bytes:
+    if length < 16:
+        return bytes([0x90 | length])
+    if length < 2**16:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
+
+
+class WindowSerializer(JsonPlusSerializer):
+    """LangGraph's serializer, remembering each message's encoding. A thread's
+    messages are one value, written whole at every turn, though only the turn's few
+    new messages are new: the others are the same objects (a message is replaced,
+    never changed in place), so their bytes are reused. A list encodes as its
+    header and its items' encodings one after another, so the bytes are the ones
+    JsonPlusSerializer writes; reading is JsonPlusSerializer's."""
+
+    def __init__(self, remember: int = 8192) -> None:
+        super().__init__()
+        self.remember = remember
+        # id(message) -> (message, its encoding); holding the message keeps its id
+        # from being reused while the entry lives.
+        self.encoded: dict[int, tuple[BaseMessage, bytes]] = {}
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        if type(obj) is list and obj and all(isinstance(m, BaseMessage) for m in obj):
+            return "msgpack", msgpack_array_header(len(obj)) + b"".join(map(self._encoding, obj))
+        return super().dumps_typed(obj)
+
+    def _encoding(self, message: BaseMessage) -> bytes:
+        known = self.encoded.get(id(message))
+        if known is not None and known[0] is message:
+            return known[1]
+        kind, data = super().dumps_typed(message)
+        assert kind == "msgpack", kind
+        if len(self.encoded) >= self.remember:
+            for key in list(itertools.islice(self.encoded, self.remember // 4)):  # the oldest quarter
+                del self.encoded[key]
+        self.encoded[id(message)] = (message, data)
+        return data
+
+
 # Which checkpoint of a thread is the latest, and whether anything was written
 # against it since (a pause, a failed step): all a worker needs to know that its
 # copy of the thread's latest checkpoint is still current.
@@ -297,7 +341,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
     state, which every later read sees, keeps the window."""
 
     def __init__(self, conn: Any, *, bound: MessageBound | None = None, remember: int = 256) -> None:
-        super().__init__(conn)
+        super().__init__(conn, serde=WindowSerializer())
         self.bound = bound
         self.known: OrderedDict[str, KnownCheckpoint] = OrderedDict()  # the most recent threads
         self.remember = remember

@@ -8,9 +8,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.types import Command, Durability
 
 from agent import TOOLS, build_graph, refund_tool
@@ -18,9 +19,10 @@ from agentserve.core.refunds import RefundLedger
 from agentserve.core.transcript import MessageBound, Transcript
 from agentserve.model import build_chat_model
 from agentserve.offline_model import serve_offline_model
-from agentserve.persistence import PooledPostgresSaver, create_pool, setup_schema
+from agentserve.persistence import PooledPostgresSaver, WindowSerializer, create_pool, setup_schema
 from agentserve.settings import Settings
 from tests.conftest import scratch_database
+from tests.test_model_requests import tool_call
 
 SETTINGS = Settings(_env_file=None)  # type: ignore[call-arg]
 
@@ -129,3 +131,33 @@ async def test_a_checkpoint_written_elsewhere_is_read_from_the_database(database
             assert await there.aget_tuple({"configurable": {"thread_id": "t/shared", "checkpoint_ns": ""}}) is None
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 300])
+def test_a_window_is_written_in_the_bytes_langgraph_writes_and_reads_back(length: int) -> None:
+    window: list[BaseMessage] = []
+    for i in range(length):
+        window.append(HumanMessage(f"question {i}: héllo 👋", id=f"h-{i}", name="ada"))
+        window.append(AIMessage("", tool_calls=[tool_call("calculator", {"expression": f"{i} * 8"}, f"call-{i}")]))
+        window.append(ToolMessage(str(i * 8), tool_call_id=f"call-{i}", status="success"))
+    window = window[:length]
+    ours, langgraph = WindowSerializer(), JsonPlusSerializer()
+    first = ours.dumps_typed(window)
+    assert first == langgraph.dumps_typed(window)
+    assert len(ours.encoded) == length
+    # The next turn's window: the same messages and one more, of which only that one is encoded.
+    window = [*window, AIMessage("The answer is 96.", id="answer")]
+    encode = JsonPlusSerializer.dumps_typed
+    calls = 0
+
+    def counting(self: WindowSerializer, obj: Any) -> tuple[str, bytes]:
+        nonlocal calls
+        calls += 1
+        return encode(self, obj)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(JsonPlusSerializer, "dumps_typed", counting)
+        second = ours.dumps_typed(window)
+    assert calls == 1
+    assert second == langgraph.dumps_typed(window)
+    assert ours.loads_typed(second) == window
