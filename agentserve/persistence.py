@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
 import time
 import weakref
@@ -32,6 +31,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from agentserve.core.serialize import PerObject
 from agentserve.core.transcript import MessageBound
 from agentserve.metrics import CHECKPOINT_DURATION, CHECKPOINT_READS
 from agentserve.settings import Settings
@@ -186,33 +186,23 @@ def msgpack_array_header(length: int) -> bytes:
 class WindowSerializer(JsonPlusSerializer):
     """LangGraph's serializer, remembering each message's encoding. A thread's
     messages are one value, written whole at every turn, though only the turn's few
-    new messages are new: the others are the same objects (a message is replaced,
-    never changed in place), so their bytes are reused. A list encodes as its
-    header and its items' encodings one after another, so the bytes are the ones
-    JsonPlusSerializer writes; reading is JsonPlusSerializer's."""
+    new messages are new: the others are the same objects, so their bytes are
+    reused. A list encodes as its header and its items' encodings one after
+    another, so the bytes are the ones JsonPlusSerializer writes; reading is
+    JsonPlusSerializer's."""
 
-    def __init__(self, remember: int = 8192) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.remember = remember
-        # id(message) -> (message, its encoding); holding the message keeps its id
-        # from being reused while the entry lives.
-        self.encoded: dict[int, tuple[BaseMessage, bytes]] = {}
+        self.encoded = PerObject(self._encode)
 
     def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
         if type(obj) is list and obj and all(isinstance(m, BaseMessage) for m in obj):
-            return "msgpack", msgpack_array_header(len(obj)) + b"".join(map(self._encoding, obj))
+            return "msgpack", msgpack_array_header(len(obj)) + b"".join(map(self.encoded, obj))
         return super().dumps_typed(obj)
 
-    def _encoding(self, message: BaseMessage) -> bytes:
-        known = self.encoded.get(id(message))
-        if known is not None and known[0] is message:
-            return known[1]
+    def _encode(self, message: BaseMessage) -> bytes:
         kind, data = super().dumps_typed(message)
         assert kind == "msgpack", kind
-        if len(self.encoded) >= self.remember:
-            for key in list(itertools.islice(self.encoded, self.remember // 4)):  # the oldest quarter
-                del self.encoded[key]
-        self.encoded[id(message)] = (message, data)
         return data
 
 

@@ -97,8 +97,8 @@ class Settings(BaseSettings):
     # Allocations between young garbage collections (Python's default: 700). A turn
     # makes thousands of short-lived cycles; collecting them that often cost a few
     # percent of a worker's CPU and added pauses to every turn in flight. At 200,000
-    # a plain turn took 5-15 % less CPU than at 50,000 (bench.breakdown); more did
-    # not help.
+    # a plain turn took about a tenth less CPU than at 50,000 (the two alternated in
+    # one run); more did not help.
     GC_GEN0_THRESHOLD: int = Field(default=200_000, ge=100)
     # Each model call and each tool call is one step; the guard answers politely
     # when the budget runs out instead of letting LangGraph raise.

@@ -144,7 +144,7 @@ def test_a_window_is_written_in_the_bytes_langgraph_writes_and_reads_back(length
     ours, langgraph = WindowSerializer(), JsonPlusSerializer()
     first = ours.dumps_typed(window)
     assert first == langgraph.dumps_typed(window)
-    assert len(ours.encoded) == length
+    assert len(ours.encoded.entries) == length
     # The next turn's window: the same messages and one more, of which only that one is encoded.
     window = [*window, AIMessage("The answer is 96.", id="answer")]
     encode = JsonPlusSerializer.dumps_typed

@@ -7,16 +7,51 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import itertools
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+from langchain_core.messages import BaseMessage
 from langgraph.types import Interrupt
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 
+class PerObject:
+    """Bytes computed once per object, for objects that are replaced rather than
+    changed in place, as a thread's messages are (add_messages swaps a message for
+    a new one with its id). Kept by identity: an entry holds its object, so the id
+    cannot be reused while the entry lives; the oldest quarter goes when full."""
+
+    def __init__(self, compute: Callable[[Any], bytes], size: int = 8192) -> None:
+        self.compute, self.size = compute, size
+        self.entries: dict[int, tuple[Any, bytes]] = {}
+
+    def __call__(self, obj: Any) -> bytes:
+        known = self.entries.get(id(obj))
+        if known is not None and known[0] is obj:
+            return known[1]
+        data = self.compute(obj)
+        if len(self.entries) >= self.size:
+            for key in list(itertools.islice(self.entries, self.size // 4)):
+                del self.entries[key]
+        self.entries[id(obj)] = (obj, data)
+        return data
+
+
+def _message_json(message: BaseMessage) -> bytes:
+    return orjson.dumps(message.model_dump(), default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+# A turn's state is its window of messages, nearly all of them in the last state too.
+_MESSAGE_JSON = PerObject(_message_json)
+
+
 def _default(value: Any) -> Any:
+    if isinstance(value, BaseMessage):
+        return orjson.Fragment(_MESSAGE_JSON(value))
     if isinstance(value, BaseModel):
         return value.model_dump()
     if isinstance(value, Interrupt):
