@@ -31,6 +31,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from agentserve.core.runs import LATEST_CHECKPOINT_KEY
 from agentserve.core.serialize import PerObject
 from agentserve.core.transcript import MessageBound
 from agentserve.metrics import CHECKPOINT_DURATION, CHECKPOINT_READS
@@ -363,14 +364,20 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             if configurable.get("checkpoint_ns") or configurable.get("checkpoint_id"):
                 return await super().aget_tuple(config)
             thread_id = str(configurable["thread_id"])
-            if known := self.known.get(thread_id):
+            known = self.known.get(thread_id)
+            # What the turn's run saw as it took the thread, which no one else writes
+            # while it holds it; without it (a state read, a queued run), one query.
+            if (latest := configurable.get(LATEST_CHECKPOINT_KEY)) is None and known is not None:
                 async with self._cursor() as cur:
                     await cur.execute(LATEST_CHECKPOINT, (thread_id, ""))
-                    latest = await cur.fetchone()
-                if latest is None:  # the thread was erased
+                    row = await cur.fetchone()
+                latest = (row["checkpoint_id"], row["has_writes"]) if row else (None, False)
+            if latest is not None:
+                latest_id, has_writes = latest
+                if latest_id is None:  # a new thread, or one erased
                     self._know(thread_id, None)
                     return None
-                if latest["checkpoint_id"] == known.checkpoint_id and not (latest["has_writes"] or known.has_writes):
+                if known is not None and latest_id == known.checkpoint_id and not (has_writes or known.has_writes):
                     CHECKPOINT_READS.labels(source="memory").inc()
                     return known.as_tuple()
             CHECKPOINT_READS.labels(source="database").inc()

@@ -30,6 +30,10 @@ from psycopg_pool import AsyncConnectionPool
 from agentserve.core.identity import ASSISTANT_ID, GRAPH_ID, thread_id_in
 from agentserve.core.serialize import as_jsonb
 
+# The key of a turn's config under which a run's `latest_checkpoint` reaches the
+# checkpointer (configurable keys starting "__" stay out of checkpoint metadata).
+LATEST_CHECKPOINT_KEY = "__agentserve_latest_checkpoint"
+
 Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
 Strategy = Literal["reject", "enqueue", "interrupt", "rollback"]
 TERMINAL = frozenset({"success", "error", "timeout", "interrupted"})
@@ -74,6 +78,11 @@ WITH known AS (
     WHERE (SELECT ok FROM known) AND (%(queue)s OR EXISTS (SELECT 1 FROM lease))
     ON CONFLICT (thread_key) DO UPDATE SET updated_at = now(), status = 'busy', metadata = t.metadata || %(stamp)s
     RETURNING pending
+), latest AS (
+    -- The thread's latest checkpoint as the run takes the thread: while the run
+    -- holds it, no other writes it, so the turn need not ask again.
+    SELECT checkpoint_id FROM checkpoints WHERE thread_id = %(key)s AND checkpoint_ns = ''
+    ORDER BY checkpoint_id DESC LIMIT 1
 ), keyed AS (
     -- The request's idempotency key learns its run in the same statement that
     -- stores the run: a retry never finds a key whose run it cannot see.
@@ -91,7 +100,10 @@ SELECT %(run_id)s, %(tenant)s, %(key)s, %(assistant_id)s,
        CASE WHEN EXISTS (SELECT 1 FROM lease) THEN 1 ELSE 0 END,
        %(store_events)s OR NOT EXISTS (SELECT 1 FROM lease), %(temporary)s, %(webhook)s
 WHERE (SELECT ok FROM known) AND (%(queue)s OR EXISTS (SELECT 1 FROM lease))
-RETURNING status, seq, created_at, (SELECT pending FROM thread) AS pending
+RETURNING status, seq, created_at, (SELECT pending FROM thread) AS pending,
+    (SELECT checkpoint_id FROM latest) AS latest_checkpoint,
+    EXISTS (SELECT 1 FROM checkpoint_writes w, latest WHERE w.thread_id = %(key)s AND w.checkpoint_ns = ''
+            AND w.checkpoint_id = latest.checkpoint_id) AS latest_has_writes
 """
 # An attached waiter's turn: take the thread if this run is first in its line.
 CLAIM_WAITING = f"""
@@ -242,6 +254,9 @@ class Run:
     webhook: str | None = None
     attached: bool = False
     ended_at: datetime | None = None
+    # (id, has writes) of the thread's latest checkpoint (id None: there is none) as
+    # this run took the thread in the statement that stored it; for its first turn.
+    latest_checkpoint: tuple[str | None, bool] | None = None
 
     @property
     def thread_id(self) -> str:
@@ -391,7 +406,10 @@ class RunStore:
             created_at=row["created_at"],
             updated_at=row["created_at"],
         )
-        return Submitted(run=run, claimed=row["status"] == "running", pending=row["pending"])
+        claimed = row["status"] == "running"
+        if claimed:
+            run.latest_checkpoint = (row["latest_checkpoint"], bool(row["latest_has_writes"]))
+        return Submitted(run=run, claimed=claimed, pending=row["pending"])
 
     async def claim_waiting(self, run: Run) -> tuple[bool, Any]:
         """For an attached waiter: (took the thread, the thread's pending action)."""

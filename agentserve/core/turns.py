@@ -16,6 +16,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, Durability, Interrupt
 
 from agentserve.core.errors import RunTimedOut
+from agentserve.core.runs import LATEST_CHECKPOINT_KEY
 from agentserve.core.serialize import jsonable
 from agentserve.core.transcript import Transcript
 from agentserve.metrics import RUNS_IN_FLIGHT, TURN_DURATION
@@ -46,13 +47,22 @@ class TurnRunner:
     durability: Durability = "exit"
 
     def config_for(
-        self, thread_key: str, tenant: str, *, run_id: str | None = None, checkpoint: dict[str, Any] | None = None
+        self,
+        thread_key: str,
+        tenant: str,
+        *,
+        run_id: str | None = None,
+        checkpoint: dict[str, Any] | None = None,
+        latest: tuple[str | None, bool] | None = None,
     ) -> RunnableConfig:
         """Built from scratch: nothing a caller sent reaches the checkpointer's
-        config but a checkpoint to start from, and the step budget is the server's."""
+        config but a checkpoint to start from, and the step budget is the server's.
+        `latest` is what the run saw of the thread's latest checkpoint as it took it."""
         configurable: dict[str, Any] = {"thread_id": thread_key, "tenant": tenant, "checkpoint_ns": ""}
         if checkpoint and checkpoint.get("checkpoint_id"):
             configurable["checkpoint_id"] = str(checkpoint["checkpoint_id"])
+        elif latest is not None:
+            configurable[LATEST_CHECKPOINT_KEY] = latest
         config: RunnableConfig = {"configurable": configurable, "recursion_limit": self.max_steps}
         if run_id:
             # Kept in each checkpoint's metadata: how a retaken run finds what its
