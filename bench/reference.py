@@ -96,10 +96,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def offline_model() -> Iterator[Served]:
-    """The project's offline model, zero latency, as a process of its own; `url` ends in /v1."""
+def offline_model(latency_ms: float = 0.0) -> Iterator[Served]:
+    """The project's offline model as a process of its own; `url` ends in /v1."""
     port = free_port()
-    command = [sys.executable, "-m", "agentserve.offline_model", "--port", str(port), "--latency-ms", "0"]
+    command = [sys.executable, "-m", "agentserve.offline_model", "--port", str(port), "--latency-ms", f"{latency_ms:g}"]
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
     base = f"http://127.0.0.1:{port}/v1"
     with background("offline-model", command, env, ROOT, f"{base}/models") as pid:
