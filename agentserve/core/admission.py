@@ -24,7 +24,7 @@ from agentserve.core.serialize import jsonable
 from agentserve.decisions import pause_problem
 
 BusyPolicy = Literal["enqueue", "reject"]
-IS_LEASED = "SELECT expires_at > now() AS held FROM agent_thread_leases WHERE thread_key = %s"
+TENANT_RUNS = "SELECT count(*) AS live FROM agent_thread_leases WHERE tenant = %s AND expires_at > now()"
 HOW_TO_RESUME = 'resume it with {"resume": {"approved": true}} or {"resume": {"approved": false, "reason": "..."}}'
 
 
@@ -137,14 +137,19 @@ class Admission:
         return False, None
 
     async def _refusal(self, tenant: str, key: str, thread_id: str, waited: bool) -> Exception:
+        """Why the run could not start: its thread was busy, unless the tenant is at
+        its run limit. (The thread may look free by now: the turn that held it ended
+        and the others in line gave up meanwhile.)"""
+        waited_for = f" (waited {self.policy.wait_s:g}s)" if waited and self.policy.busy == "enqueue" else ""
+        busy = ThreadBusy(
+            f"thread {thread_id!r} is still running another turn{waited_for}; retry when it has finished",
+            key,
+            retry_after_s=max(1, round(self.policy.wait_s / 4)),
+        )
+        if not self.policy.max_runs_per_tenant:
+            return busy
         async with self.pool.connection() as conn:
-            row = await (await conn.execute(IS_LEASED, (key,))).fetchone()
-        queued = await self.store.active_on(key)
-        if (row and row["held"]) or queued:
-            waited_for = f" (waited {self.policy.wait_s:g}s)" if waited and self.policy.busy == "enqueue" else ""
-            return ThreadBusy(
-                f"thread {thread_id!r} is still running another turn{waited_for}; retry when it has finished",
-                key,
-                retry_after_s=max(1, round(self.policy.wait_s / 4)),
-            )
-        return TooMany(f"tenant {tenant!r} already has {self.policy.max_runs_per_tenant} runs in progress", 1)
+            row = await (await conn.execute(TENANT_RUNS, (tenant,))).fetchone()
+        if row and row["live"] >= self.policy.max_runs_per_tenant:
+            return TooMany(f"tenant {tenant!r} already has {self.policy.max_runs_per_tenant} runs in progress", 1)
+        return busy
