@@ -670,7 +670,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-inprocess", action="store_true", help="skip the in-process run of thread")
     parser.add_argument("--capacity-workers", type=int, default=2, help="server workers for capacity and soak")
     parser.add_argument("--model-latency-ms", type=float, default=600.0, help="per model call (capacity, soak)")
-    parser.add_argument("--levels", default="40,60,80,100,120,140", help="concurrent conversations per level (capacity)")
+    parser.add_argument("--levels", default="40,60,80,100,120,140", help="conversations per level (capacity)")
     parser.add_argument("--level-seconds", type=float, default=30.0, help="measured seconds per level (capacity)")
     parser.add_argument("--warmup-seconds", type=float, default=5.0, help="unmeasured seconds per level (capacity)")
     parser.add_argument(
