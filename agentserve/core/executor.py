@@ -451,7 +451,9 @@ class Executor:
     async def work_forever(self) -> None:
         """Take runs from the queue while this worker has room for them. Every turn
         that ends sets a thread free, and would wake every worker's queue loop; that
-        matters only while runs wait in the queue, so only then does it listen."""
+        matters only while runs wait in the queue or durable runs are in progress
+        (one whose worker died is taken over as soon as its lease runs out), so only
+        then does it listen."""
         next_cleanup = 0.0
         while True:
             waiting = True

@@ -131,11 +131,13 @@ SELECT r.run_id, r.tenant FROM agent_runs r WHERE {CLAIMABLE}
 ORDER BY r.seq LIMIT %(limit)s
 FOR UPDATE OF r SKIP LOCKED
 """
-# Whether the queue has a run to take now, and whether any run waits in it at all
-# (one that a thread or a tenant's capacity set free could then let start).
+# Whether the queue has a run to take now, and whether it may have one soon: a run
+# waiting in it (that a thread or a tenant's capacity set free could let start), or
+# a durable run in progress (whose worker may die, leaving it to be taken over).
 QUEUE_STATE = f"""
 SELECT EXISTS (SELECT 1 FROM agent_runs r WHERE {CLAIMABLE}) AS claimable,
-       EXISTS (SELECT 1 FROM agent_runs r WHERE r.status = 'pending' AND NOT r.attached) AS waiting
+       EXISTS (SELECT 1 FROM agent_runs r WHERE NOT r.attached
+               AND (r.status = 'pending' OR (r.status = 'running' AND r.durable))) AS waiting
 """
 CLAIM_CANDIDATE = f"""
 WITH me AS (
@@ -421,8 +423,8 @@ class RunStore:
         return True, row["pending"]
 
     async def queue_state(self) -> tuple[bool, bool]:
-        """(a run can be taken now, a run waits in the queue): one statement, no
-        transaction, for the common case of an empty queue."""
+        """(a run can be taken now, one may be soon): one statement, no transaction,
+        for the common case of an empty queue."""
         async with self.pool.connection() as conn:
             row = await (await conn.execute(QUEUE_STATE)).fetchone()
         return (bool(row["claimable"]), bool(row["waiting"])) if row else (False, False)
