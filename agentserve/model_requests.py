@@ -4,7 +4,7 @@ Before sending, the SDK walks every request body against its TypedDict type
 (`openai._utils._transform`) to rename aliased keys and to format dates and files.
 Chat-completions parameters have neither, so for a body of plain JSON values the walk
 returns what it was given, yet it costs about 0.2 ms of CPU per message on every call
-(5.8 ms for a 24-message window: half of a plain turn's CPU). `install()` skips it when
+(5.8 ms for a 24-message window: a third of a plain turn's CPU). `install()` skips it when
 both hold, and otherwise leaves the call to the SDK:
 - the body's type carries no transformation: no `PropertyInfo` alias or format anywhere
   inside it (decided once per type, by walking the type, failing closed on anything
