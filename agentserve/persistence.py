@@ -31,7 +31,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from agentserve.core.runs import LATEST_CHECKPOINT_KEY
+from agentserve.core.runs import LATEST_CHECKPOINT_KEY, LATEST_CHECKPOINT_OF
 from agentserve.core.serialize import PerObject
 from agentserve.core.transcript import MessageBound
 from agentserve.metrics import CHECKPOINT_DURATION, CHECKPOINT_READS
@@ -207,19 +207,8 @@ class WindowSerializer(JsonPlusSerializer):
         return data
 
 
-# Which checkpoint of a thread is the latest, and whether anything was written
-# against it since (a pause, a failed step): all a worker needs to know that its
-# copy of the thread's latest checkpoint is still current.
-LATEST_CHECKPOINT = """
-SELECT c.checkpoint_id, EXISTS (
-    SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
-        AND w.checkpoint_id = c.checkpoint_id) AS has_writes
-FROM checkpoints c WHERE c.thread_id = %s AND c.checkpoint_ns = %s ORDER BY c.checkpoint_id DESC LIMIT 1"""
+LATEST_CHECKPOINT = LATEST_CHECKPOINT_OF.format(key="%s")
 INLINE_TYPES = (str, int, float, bool)
-
-
-def _json(value: Any) -> bytes:
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
 
 def _own(value: Any) -> Any:
@@ -234,8 +223,8 @@ class KnownCheckpoint:
     thread_id: str
     checkpoint_id: str
     parent_id: str | None
-    stored: bytes  # the checkpoint row's JSON: all but the blob channels
-    metadata: bytes
+    stored: str  # the checkpoint row's JSON: all but the blob channels
+    metadata: str
     values: dict[str, Any]  # the blob channels' values
     has_writes: bool = False  # written against since: the database's copy has them
 
@@ -259,8 +248,8 @@ class KnownCheckpoint:
             thread_id=str(configurable["thread_id"]),
             checkpoint_id=str(configurable["checkpoint_id"]),
             parent_id=parent.get("checkpoint_id"),
-            stored=_json({**saved.checkpoint, "channel_values": inline}),
-            metadata=_json(saved.metadata),
+            stored=orjson_dumps({**saved.checkpoint, "channel_values": inline}),
+            metadata=orjson_dumps(saved.metadata),
             values={k: _own(v) for k, v in values.items() if k not in inline},
             has_writes=bool(saved.pending_writes),
         )
@@ -302,8 +291,8 @@ class KnownCheckpoint:
             thread_id=thread_id,
             checkpoint_id=checkpoint["id"],
             parent_id=parent_id,
-            stored=_json({**checkpoint, "channel_values": inline}),
-            metadata=_json(get_serializable_checkpoint_metadata(config, metadata)),
+            stored=orjson_dumps({**checkpoint, "channel_values": inline}),
+            metadata=orjson_dumps(get_serializable_checkpoint_metadata(config, metadata)),
             values=blobs,
         )
 
@@ -369,7 +358,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             # while it holds it; without it (a state read, a queued run), one query.
             if (latest := configurable.get(LATEST_CHECKPOINT_KEY)) is None and known is not None:
                 async with self._cursor() as cur:
-                    await cur.execute(LATEST_CHECKPOINT, (thread_id, ""))
+                    await cur.execute(LATEST_CHECKPOINT, (thread_id,))
                     row = await cur.fetchone()
                 latest = (row["checkpoint_id"], row["has_writes"]) if row else (None, False)
             if latest is not None:

@@ -228,9 +228,12 @@ class Executor:
                 graph_input = _ALREADY_DONE
             elif stored is False:
                 graph_input = None  # continue from where the first attempt stopped
-        latest, run.latest_checkpoint = run.latest_checkpoint, None  # for the first attempt only
         config = self.turns.config_for(
-            run.thread_key, run.tenant, run_id=run.run_id, checkpoint=kwargs.get("checkpoint"), latest=latest
+            run.thread_key,
+            run.tenant,
+            run_id=run.run_id,
+            checkpoint=kwargs.get("checkpoint"),
+            latest=run.take_latest_checkpoint(),
         )
         modes = api_modes(kwargs.get("stream_mode") or ["values"])
         thread_id = thread_id_in(run.thread_key)
@@ -320,8 +323,9 @@ class Executor:
         turns of one thread under its run."""
         attached = self.attached[run_id]
         run, outcome = attached.run, TurnOutcome()
-        latest, run.latest_checkpoint = run.latest_checkpoint, None  # true for the run's first turn only
-        config = self.turns.config_for(run.thread_key, run.tenant, run_id=run.run_id, latest=latest)
+        config = self.turns.config_for(
+            run.thread_key, run.tenant, run_id=run.run_id, latest=run.take_latest_checkpoint()
+        )
         config["callbacks"] = callbacks
         async with self._cancellable(self.active[run_id]):
             async for item in self.turns.stream(graph_input, config, modes, outcome):

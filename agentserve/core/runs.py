@@ -33,6 +33,12 @@ from agentserve.core.serialize import as_jsonb
 # The key of a turn's config under which a run's `latest_checkpoint` reaches the
 # checkpointer (configurable keys starting "__" stay out of checkpoint metadata).
 LATEST_CHECKPOINT_KEY = "__agentserve_latest_checkpoint"
+# A thread's latest checkpoint, and whether anything was written against it since (a
+# pause, a failed step): all a worker needs to know that its copy is still current.
+LATEST_CHECKPOINT_OF = """SELECT c.checkpoint_id, EXISTS (
+    SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
+        AND w.checkpoint_id = c.checkpoint_id) AS has_writes
+FROM checkpoints c WHERE c.thread_id = {key} AND c.checkpoint_ns = '' ORDER BY c.checkpoint_id DESC LIMIT 1"""
 
 Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
 Strategy = Literal["reject", "enqueue", "interrupt", "rollback"]
@@ -81,8 +87,7 @@ WITH known AS (
 ), latest AS (
     -- The thread's latest checkpoint as the run takes the thread: while the run
     -- holds it, no other writes it, so the turn need not ask again.
-    SELECT checkpoint_id FROM checkpoints WHERE thread_id = %(key)s AND checkpoint_ns = ''
-    ORDER BY checkpoint_id DESC LIMIT 1
+    {LATEST_CHECKPOINT_OF.format(key="%(key)s")}
 ), keyed AS (
     -- The request's idempotency key learns its run in the same statement that
     -- stores the run: a retry never finds a key whose run it cannot see.
@@ -101,9 +106,7 @@ SELECT %(run_id)s, %(tenant)s, %(key)s, %(assistant_id)s,
        %(store_events)s OR NOT EXISTS (SELECT 1 FROM lease), %(temporary)s, %(webhook)s
 WHERE (SELECT ok FROM known) AND (%(queue)s OR EXISTS (SELECT 1 FROM lease))
 RETURNING status, seq, created_at, (SELECT pending FROM thread) AS pending,
-    (SELECT checkpoint_id FROM latest) AS latest_checkpoint,
-    EXISTS (SELECT 1 FROM checkpoint_writes w, latest WHERE w.thread_id = %(key)s AND w.checkpoint_ns = ''
-            AND w.checkpoint_id = latest.checkpoint_id) AS latest_has_writes
+    (SELECT checkpoint_id FROM latest) AS latest_checkpoint, (SELECT has_writes FROM latest) AS latest_has_writes
 """
 # An attached waiter's turn: take the thread if this run is first in its line.
 CLAIM_WAITING = f"""
@@ -263,6 +266,11 @@ class Run:
     @property
     def thread_id(self) -> str:
         return thread_id_in(self.thread_key)
+
+    def take_latest_checkpoint(self) -> tuple[str | None, bool] | None:
+        """`latest_checkpoint`, once: it holds for the run's first turn only."""
+        latest, self.latest_checkpoint = self.latest_checkpoint, None
+        return latest
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Run:
