@@ -233,7 +233,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(operations.router)
     # Routes are matched in order, one pattern at a time: LangServe's few before the
-    # LangGraph API's forty, which cost a LangServe turn about 65 µs to pass.
+    # LangGraph API's forty, which cost a LangServe request about 55 µs to try.
     add_routes(
         app,
         agent,
