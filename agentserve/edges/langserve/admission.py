@@ -110,7 +110,8 @@ STREAM_ENDPOINTS = frozenset({"stream", "stream_events", "stream_log"})
 
 
 def run_endpoint_of(request: Request) -> str | None:
-    endpoint = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+    # The scope's path, not `request.url`: that builds a URL object on every call.
+    endpoint = request.scope["path"].rstrip("/").rsplit("/", 1)[-1]
     return endpoint if request.method == "POST" and endpoint in RUN_ENDPOINTS else None
 
 

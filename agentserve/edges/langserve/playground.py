@@ -118,7 +118,7 @@ def scope_config_to_session(config: dict[str, object], request: Request) -> dict
 
 
 async def admit_playground_turn(request: Request) -> AsyncIterator[None]:
-    if request.method != "POST" or request.url.path.rstrip("/").rsplit("/", 1)[-1] not in ("invoke", "stream_log"):
+    if request.method != "POST" or request.scope["path"].rstrip("/").rsplit("/", 1)[-1] not in ("invoke", "stream_log"):
         yield
         return
     body = await read_json_object(request)
