@@ -17,8 +17,9 @@ Sections (`--only`, comma-separated; all but soak by default):
             state); also the same turns in-process.
   overhead  --conversations threads at once, --turns-per-conversation turns each, zero
             model latency, --workers workers; turns/s over HTTP vs in-process (each in
-            its own process, so each has one core to itself), alternating for
-            --overhead-rounds rounds; the verdict is the median round's ratio.
+            its own process, so each has one core to itself, both on the event loop
+            a worker runs on), alternating for --overhead-rounds rounds; the verdict
+            is the median round's ratio.
   capacity  --capacity-workers workers, --model-latency-ms per model call (the offline
             model in a process of its own, as a provider is); for each of --levels,
             that many conversations loop turns that alternate plain and tool, with no
