@@ -209,14 +209,16 @@ def breakdown_section(args: argparse.Namespace, db: Database, report: Report) ->
     before = result.get("before")
     for piece in breakdown.PIECES:
         value = f"{result['after'][piece]:.2f} ms"
-        if before:
-            value += f" (before {before[piece]:.2f} ms: {result['after'][piece] / before[piece]:.2f}x)"
-        if before and piece in HALVED:
-            ratio = result["after"][piece] / before[piece]
+        if not before:
+            report.row("breakdown", f"CPU per request, {piece}", value)
+            continue
+        ratio = result["after"][piece] / before[piece]
+        value += f" (before {before[piece]:.2f} ms: {ratio:.2f}x)"
+        if piece in HALVED:
             report.row("breakdown", f"CPU per request, {piece}", value, "<= 0.50x before", ratio <= 0.5)
         else:
             report.row("breakdown", f"CPU per request, {piece}", value)
-    if not before:
+    if not before and args.baseline:
         report.row("breakdown", "baseline", f"not measured: {args.baseline!r} is not in this clone", "", False)
     report.data["breakdown"] = result
 
@@ -544,11 +546,11 @@ def capacity_section(args: argparse.Namespace, db: Database, report: Report) -> 
             )
             if not result["passed"]:
                 break
+    tool_model_ms = MODEL_CALLS["tool"] * latency
     for result in levels:
         level = f"{result['level']} conv"
         report.row("capacity", f"{level}: turns (turns/s)", f"{result['turns']} ({result['turns_per_s']:.1f}/s)")
         report.row("capacity", f"{level}: errors", str(result["errors"]), "0", result["errors"] == 0)
-        tool_model_ms = MODEL_CALLS["tool"] * latency
         report.row(
             "capacity",
             f"{level}: p95 of all turns (/ {tool_model_ms:g} ms, a tool turn's model time)",

@@ -109,10 +109,15 @@ def refuse_shared_threads(thread_ids: list[str]) -> None:
 STREAM_ENDPOINTS = frozenset({"stream", "stream_events", "stream_log"})
 
 
+def posted_endpoint(request: Request) -> str | None:
+    """The LangServe endpoint a POST is for (the path's last segment), else None.
+    From the scope's path, not `request.url`, which builds a URL object per call."""
+    return request.scope["path"].rstrip("/").rsplit("/", 1)[-1] if request.method == "POST" else None
+
+
 def run_endpoint_of(request: Request) -> str | None:
-    # The scope's path, not `request.url`: that builds a URL object on every call.
-    endpoint = request.scope["path"].rstrip("/").rsplit("/", 1)[-1]
-    return endpoint if request.method == "POST" and endpoint in RUN_ENDPOINTS else None
+    endpoint = posted_endpoint(request)
+    return endpoint if endpoint in RUN_ENDPOINTS else None
 
 
 async def admit_run(request: Request) -> AsyncIterator[None]:

@@ -15,7 +15,7 @@ from langchain_core.messages import AnyMessage, HumanMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel, Field, ValidationError
 
-from agentserve.edges.langserve.admission import admitted, read_json_object, scope_config
+from agentserve.edges.langserve.admission import admitted, posted_endpoint, read_json_object, scope_config
 from agentserve.edges.langserve.runnable import AgentRunnable
 from agentserve.messages import TurnInput
 
@@ -118,7 +118,7 @@ def scope_config_to_session(config: dict[str, object], request: Request) -> dict
 
 
 async def admit_playground_turn(request: Request) -> AsyncIterator[None]:
-    if request.method != "POST" or request.scope["path"].rstrip("/").rsplit("/", 1)[-1] not in ("invoke", "stream_log"):
+    if posted_endpoint(request) not in ("invoke", "stream_log"):
         yield
         return
     body = await read_json_object(request)
