@@ -43,6 +43,7 @@ from agentserve.core.webhooks import WebhookPolicy, WebhookSender
 from agentserve.edges import lgapi, operations
 from agentserve.edges.browser.signin import router as signin_router
 from agentserve.edges.langserve.admission import admit_run, admit_stream, scope_config
+from agentserve.edges.langserve.invoke import invoke_route
 from agentserve.edges.langserve.playground import PATH as PLAYGROUND_PATH
 from agentserve.edges.langserve.playground import PlaygroundChat, admit_playground_turn, scope_config_to_session
 from agentserve.edges.langserve.runnable import AgentRunnable
@@ -233,7 +234,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(operations.router)
     # Routes are matched in order, one pattern at a time: LangServe's few before the
-    # LangGraph API's forty, which cost a LangServe request about 55 µs to try.
+    # LangGraph API's forty, which cost a LangServe request about 55 µs to try; and
+    # our one-pass invoke before LangServe's (see edges/langserve/invoke.py).
+    app.router.routes.append(invoke_route(agent, "/agent"))
     add_routes(
         app,
         agent,

@@ -83,15 +83,17 @@ def requested_turns(body: dict[str, Any], endpoint: str) -> list[tuple[str, Any]
     return [(thread_id, item) for item in inputs]
 
 
-def validate_inputs(turns: list[tuple[str, Any]], endpoint: str) -> None:
+def validate_inputs(turns: list[tuple[str, Any]], endpoint: str) -> list[TurnInput]:
+    validated = []
     for index, (_, turn_input) in enumerate(turns):
         where = ("inputs", index) if endpoint == "batch" else ("input",)
         try:
-            TurnInput.model_validate(turn_input)
+            validated.append(TurnInput.model_validate(turn_input))
         except ValidationError as exc:
             raise RequestValidationError(
                 [{**error, "loc": (*where, *error["loc"])} for error in exc.errors(include_url=False)]
             ) from exc
+    return validated
 
 
 def refuse_shared_threads(thread_ids: list[str]) -> None:
@@ -144,12 +146,18 @@ async def admit_stream(request: Request) -> AsyncIterator[None]:
 
 
 async def api_turns(request: Request, endpoint: str) -> list[tuple[str, Any]]:
+    turns, _ = await checked_turns(request, endpoint)
+    return turns
+
+
+async def checked_turns(request: Request, endpoint: str) -> tuple[list[tuple[str, Any]], list[TurnInput]]:
+    """(thread id, input as sent) of each turn, and each input validated."""
     body = await read_json_object(request)
     turns = requested_turns(body, endpoint)
-    validate_inputs(turns, endpoint)
+    inputs = validate_inputs(turns, endpoint)
     if request.app.state.settings.BUSY_THREAD_POLICY == "reject":
         refuse_shared_threads([thread_id for thread_id, _ in turns])
-    return turns
+    return turns, inputs
 
 
 def turn_requests(turns: list[tuple[str, Any]]) -> list[TurnRequest]:
