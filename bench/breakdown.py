@@ -10,7 +10,8 @@ apart on a machine too noisy for throughput ratios to do it:
   ASGI app (middleware, FastAPI, authentication, admission, LangServe), no sockets;
 - GET /health through the app: the fixed cost of the stack and the test client;
 - admission alone: the run row with its lease, and its end;
-- LangServe's invoke handler around a runnable that answers at once.
+- LangServe's invoke handler around a runnable that answers at once (what /agent/invoke
+  cost before edges/langserve/invoke.py; the playground's invoke still uses it).
 Turns go to threads whose history already fills the model's context window, as in
 a conversation under way. The model is the offline model in a process of its own,
 as a provider is, so its work is not counted. Each tree (this one, and the baseline
@@ -44,7 +45,7 @@ PIECES = (
     "tool turn, through the app",
     "GET /health through the app",
     "admission alone",
-    "LangServe invoke handler, instant runnable",
+    "LangServe's own invoke handler, instant runnable",
 )
 HISTORY_TURNS, THREADS, SAMPLES, CHUNK = 12, 4, 150, 10
 BENCH_KEY = "bench-key-0123456789abcdef"

@@ -8,10 +8,9 @@ from fastapi import APIRouter
 from agentserve.edges.lgapi import assistants, crons, runs, threads
 
 router = APIRouter()
-# Crons before runs: `/runs/crons...` and `/threads/{id}/runs/crons` are theirs.
-router.include_router(crons.router)
-# Then runs: `/threads/{id}/runs...` must not be taken for a thread route.
-router.include_router(runs.router)
-router.include_router(threads.router)
-router.include_router(assistants.router)
+# One flat list (see app.py on why not include_router). Crons before runs:
+# `/runs/crons...` and `/threads/{id}/runs/crons` are theirs. Then runs:
+# `/threads/{id}/runs...` must not be taken for a thread route.
+for part in (crons, runs, threads, assistants):
+    router.routes.extend(part.router.routes)
 open_router = assistants.open_router
