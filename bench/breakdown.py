@@ -33,6 +33,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from starlette.requests import Request
+
 from bench.common import ROOT, scratch_database
 from bench.reference import offline_model
 
@@ -61,32 +63,11 @@ async def measure(tag: str) -> dict[str, float]:
     from langchain_core.messages import AIMessage, HumanMessage
     from langchain_core.runnables import RunnableConfig
     from langserve.api_handler import APIHandler
-    from starlette.requests import Request
 
     from agentserve.core.admission import TurnRequest
     from agentserve.edges.langserve.admission import admit_run
     from agentserve.edges.langserve.runnable import AgentRunnable
     from app import create_app, scope_config_to_caller
-
-    def invoke_request(app: Any, thread_id: str, text: str) -> Request:
-        """A POST /agent/invoke request as the app's dependencies receive it."""
-        body = json.dumps(invoke_body(text, thread_id)).encode()
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/agent/invoke",
-            "headers": [(b"content-type", b"application/json")],
-            "app": app,
-            "state": {},
-            "query_string": b"",
-        }
-        request = Request(scope, receive)
-        request.state.principal = types.SimpleNamespace(tenant="bench")
-        return request
 
     app = create_app()
     async with app.router.lifespan_context(app):
@@ -122,12 +103,12 @@ async def measure(tag: str) -> dict[str, float]:
             (await client.get("/health")).raise_for_status()
 
         async def admission(i: int) -> None:
-            steps = admit_run(invoke_request(app, f"{tag}-admit-{i % THREADS}", "hello"))
+            steps = admit_run(posted_request(app, invoke_body("hello", f"{tag}-admit-{i % THREADS}")))
             await anext(steps)
             await anext(steps, None)
 
         async def langserve(i: int) -> None:
-            await handler.invoke(invoke_request(app, "t", "hello"))
+            await handler.invoke(posted_request(app, invoke_body("hello", "t")))
 
         actions = [direct("plain"), direct("tool"), through_app("plain"), through_app("tool"), health, admission]
         pieces = dict(zip(PIECES, [*actions, langserve], strict=True))
@@ -149,6 +130,31 @@ async def measure(tag: str) -> dict[str, float]:
                     samples[name].append((time.process_time() - began) * 1000)
         await client.aclose()
     return {name: statistics.fmean(values) for name, values in samples.items()}
+
+
+def posted_request(
+    app: Any, body: dict[str, Any], headers: dict[str, str] | None = None, tenant: str = "bench"
+) -> Request:
+    """POST /agent/invoke as the app's dependencies and routes receive it, from an
+    authenticated caller of `tenant`."""
+    raw = json.dumps(body).encode()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/agent/invoke",
+        "headers": [(b"content-type", b"application/json"), *extra],
+        "app": app,
+        "state": {},
+        "query_string": b"",
+    }
+    request = Request(scope, receive)
+    request.state.principal = types.SimpleNamespace(tenant=tenant)
+    return request
 
 
 def invoke_body(text: str, thread_id: str) -> dict[str, Any]:

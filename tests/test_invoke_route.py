@@ -5,7 +5,6 @@ LangServe's handler is not what answered."""
 from __future__ import annotations
 
 import inspect
-import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from agentserve.edges.langserve.invoke import SERIALIZER, invoke_config, invoke_
 from agentserve.edges.langserve.runnable import AgentRunnable
 from agentserve.settings import Settings
 from app import create_app
+from bench.breakdown import posted_request
 from tests.support import TEST_KEY, turn_body
 
 
@@ -38,24 +38,8 @@ def langserve_handler(app: Any) -> APIHandler:
 
 def admitted_request(app: Any, body: dict[str, Any], headers: dict[str, str]) -> Request:
     """POST /agent/invoke as the route sees it once admission has given the run."""
-    raw = json.dumps(body).encode()
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/agent/invoke",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "query_string": b"",
-        "app": app,
-        "state": {},
-    }
-    request = Request(scope, receive)
-    request.state.principal = type("Principal", (), {"tenant": "acme"})()
-    thread_id = body["config"]["configurable"]["thread_id"]
-    request.state.run_ids = {thread_id: "run-0123"}
+    request = posted_request(app, body, headers, tenant="acme")
+    request.state.run_ids = {body["config"]["configurable"]["thread_id"]: "run-0123"}
     return request
 
 

@@ -123,7 +123,8 @@ def run_endpoint_of(request: Request) -> str | None:
 
 
 async def admit_run(request: Request) -> AsyncIterator[None]:
-    """For invoke and batch; registered with scope="function", so the thread is
+    """For batch (invoke is answered before LangServe's route: see invoke.py, which
+    holds the thread the same way); registered with scope="function", so the thread is
     released as soon as the run returns, before the response goes out: a client
     that has its answer can send the next turn at once, even if we crash now."""
     endpoint = run_endpoint_of(request)

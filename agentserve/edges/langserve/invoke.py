@@ -9,8 +9,8 @@ about half of what HTTP added to a turn's CPU. This route comes before LangServe
 and gives the runnable the same input and config, and the caller the same bytes:
 `tests/test_invoke_route.py` compares all three with LangServe's own handler.
 Everything else stays: the same authentication, admission, errors, metrics and
-trace names (the route's path is LangServe's), and LangServe's route still serves
-the OpenAPI schema and the config-hash paths.
+trace names (the route's path is LangServe's); LangServe's own invoke route stays
+registered behind this one, and its documentation route in the OpenAPI schema.
 """
 
 from __future__ import annotations
